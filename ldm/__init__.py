@@ -1,0 +1,67 @@
+"""The project's CompVis-compatible Stable Diffusion v1 core.
+
+``load_model(ckpt, config="sd15")`` builds a :class:`LatentDiffusion` from a model config (a name in
+``configs/model/`` or a YAML path, in our form or the original ``v1-inference.yaml`` form), loads a
+``.ckpt`` / ``.safetensors`` / diffusers folder into it without executing code, and returns it in
+eval mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def resolve_model_config(config: str | Path | dict) -> dict[str, Any]:
+    """A config name (``sd15``, ``tiny``, ``toy``), a YAML path or a mapping -> flat dict."""
+    from ldm.convert import normalize_model_config
+
+    if isinstance(config, str | Path):
+        path = Path(config)
+        if not path.suffix:
+            path = CONFIG_DIR / f"{config}.yaml"
+            if not path.exists():
+                names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+                raise FileNotFoundError(f"no model config named {config!r}; known: {names}")
+        elif not path.exists():
+            raise FileNotFoundError(f"model config not found: {path}")
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    elif not isinstance(config, dict):
+        config = OmegaConf.to_container(config, resolve=True)
+    return normalize_model_config(config)
+
+
+def build_model(config: str | Path | dict = "sd15", **overrides: Any):
+    """Instantiate a model from its config (random weights unless it names a ``ckpt``)."""
+    from ldm.util import get_obj_from_str
+
+    cfg = dict(resolve_model_config(config))
+    cfg.update(overrides)
+    cls = get_obj_from_str(cfg.pop("_target_"))
+    return cls(**cfg)
+
+
+def load_model(
+    ckpt_path: str | Path | None = None,
+    config: str | Path | dict = "sd15",
+    device: str | torch.device = "cpu",
+    strict: bool = False,
+):
+    """Build the model of ``config`` and load ``ckpt_path`` into it; returns it in eval mode."""
+    from ldm.checkpoint import load_into, load_state_dict
+
+    model = build_model(config, ckpt=None)
+    if ckpt_path is not None:
+        load_into(model, load_state_dict(ckpt_path), strict=strict)
+    return model.eval().to(device)
+
+
+__all__ = ["build_model", "load_model", "resolve_model_config"]

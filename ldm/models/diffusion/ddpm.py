@@ -1,0 +1,338 @@
+"""``LatentDiffusion``: the one CompVis-compatible SD v1 model every method specialises.
+
+State-dict keys equal the original checkpoints' (``model.diffusion_model.*``,
+``first_stage_model.*``, ``cond_stage_model.transformer.*`` and the DDPM schedule buffers), so
+``sd-v1-4.ckpt`` and ``v1-5-pruned-emaonly.safetensors`` load without conversion.
+
+Variants override only the small methods below: ``trainable_parameters``, ``install_hooks``,
+``extra_losses``, ``conditioning`` and ``batch_mask``; never copy a body from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from ldm.util import count_params, instantiate_from_config
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+# Keys of the original YAML that describe things SD v1 inference/fine-tuning never uses.
+COMPVIS_IGNORED = frozenset(
+    {"num_timesteps_cond", "log_every_t", "monitor", "scheduler_config", "use_ema", "ckpt_path"}
+)
+
+
+def make_beta_schedule(schedule: str, timesteps: int, linear_start: float, linear_end: float):
+    """CompVis "linear" is linear in sqrt(beta) (diffusers' ``scaled_linear``); float64 numpy."""
+    if schedule == "linear":
+        return np.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=np.float64) ** 2
+    if schedule == "linear_beta":
+        return np.linspace(linear_start, linear_end, timesteps, dtype=np.float64)
+    raise ValueError(f"unknown beta schedule {schedule!r} (use 'linear' or 'linear_beta')")
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path as given, else relative to the project root (so configs can name shipped files)."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    return PROJECT_ROOT / path
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` so keys read ``model.diffusion_model.*``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.diffusion_model = unet
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
+        return self.diffusion_model(x, t, context=context)
+
+
+class LatentDiffusion(pl.LightningModule):
+    """Text-conditioned latent diffusion with epsilon prediction and a DDPM schedule.
+
+    Args:
+        cond_stage_trainable: train the text encoder too (toy pretraining); SD keeps it frozen.
+        cond_drop_prob: probability of training on the empty prompt (classifier-free guidance).
+        optimizer: a partial optimizer factory (Hydra ``_partial_``); AdamW by default.
+        scale_lr: multiply ``learning_rate`` by batch size x devices x accumulation, as the
+            reference recipes do; the effective rate is always logged.
+    """
+
+    def __init__(
+        self,
+        unet_config: Mapping[str, Any],
+        first_stage_config: Mapping[str, Any],
+        cond_stage_config: Mapping[str, Any],
+        linear_start: float = 0.00085,
+        linear_end: float = 0.012,
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        scale_factor: float | None = 0.18215,
+        image_size: int = 64,
+        channels: int = 4,
+        first_stage_key: str = "image",
+        cond_stage_key: str = "caption",
+        conditioning_key: str = "crossattn",
+        cond_stage_trainable: bool = False,
+        cond_drop_prob: float = 0.0,
+        parameterization: str = "eps",
+        learning_rate: float = 1e-5,
+        scale_lr: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        first_stage_ckpt: str | None = None,
+        ckpt: str | None = None,
+        **compvis_extra: Any,
+    ) -> None:
+        super().__init__()
+        unknown = set(compvis_extra) - COMPVIS_IGNORED
+        if unknown:
+            raise TypeError(f"LatentDiffusion got unknown arguments: {sorted(unknown)}")
+        if conditioning_key != "crossattn" or parameterization != "eps":
+            raise ValueError("only crossattn conditioning with eps parameterization (SD v1)")
+        self.model = DiffusionWrapper(instantiate_from_config(unet_config))
+        self.first_stage_model = instantiate_from_config(first_stage_config)
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        self.first_stage_model.eval().requires_grad_(False)
+        self.cond_stage_trainable = cond_stage_trainable
+        if cond_stage_trainable:
+            self.cond_stage_model.requires_grad_(True)
+        else:
+            self.cond_stage_model.freeze()
+        if scale_factor is None:
+            # Estimated as 1/std of the first training batch's latents (CompVis scale_by_std) and
+            # kept in the state dict; NaN until then.
+            self.register_buffer("scale_factor", torch.tensor(float("nan")))
+        else:
+            self.scale_factor = scale_factor
+        self.image_size = image_size
+        self.channels = channels
+        self.first_stage_key = first_stage_key
+        self.cond_stage_key = cond_stage_key
+        self.cond_drop_prob = cond_drop_prob
+        self.learning_rate = learning_rate
+        self.scale_lr = scale_lr
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.register_schedule(beta_schedule, timesteps, linear_start, linear_end)
+        if first_stage_ckpt:
+            self.load_first_stage(first_stage_ckpt)
+        if ckpt:
+            self.load_weights(resolve_path(ckpt))
+        self.install_hooks()
+
+    # ----------------------------------------------------------------- schedule
+    def register_schedule(
+        self, schedule: str, timesteps: int, linear_start: float, linear_end: float
+    ) -> None:
+        """The twelve DDPM buffers of the original checkpoints, computed as CompVis does."""
+        betas = make_beta_schedule(schedule, timesteps, linear_start, linear_end)
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        prev = np.append(1.0, alphas_cumprod[:-1])
+        self.num_timesteps = timesteps
+        posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": prev,
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+            "posterior_mean_coef1": betas * np.sqrt(prev) / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
+
+    # ---------------------------------------------------------- hook points
+    def install_hooks(self) -> None:
+        """Called at the end of ``__init__``: variants install processors or hooks here."""
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """What the optimizer trains: the UNet, plus the text encoder when it is trainable."""
+        params = list(self.model.parameters())
+        if self.cond_stage_trainable:
+            params += list(self.cond_stage_model.parameters())
+        return params
+
+    def extra_losses(
+        self, batch: Mapping[str, Any], out: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Additional weighted loss terms, summed into the training loss."""
+        return {}
+
+    def batch_mask(self, batch: Mapping[str, Any], z: Tensor) -> Tensor | None:
+        """A (B, 1, h, w) loss mask in latent space, or None for the plain mean."""
+        return None
+
+    # ------------------------------------------------- CompVis method names
+    @torch.no_grad()
+    def encode_first_stage(self, x: Tensor):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, posterior, generator: torch.Generator | None = None):
+        z = posterior.sample(generator) if hasattr(posterior, "sample") else posterior
+        return self.scale_factor * z
+
+    def decode_first_stage(self, z: Tensor) -> Tensor:
+        if isinstance(self.scale_factor, Tensor) and torch.isnan(self.scale_factor):
+            raise RuntimeError("scale_factor is unset: load a checkpoint or train a step first")
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def get_learned_conditioning(self, prompts: Sequence[str]) -> Tensor:
+        return self.cond_stage_model.encode(list(prompts))
+
+    def apply_model(self, x_noisy: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """Predicted noise. ``cond`` is the context tensor, or CompVis' ``{"c_crossattn": [c]}``."""
+        if isinstance(cond, Mapping):
+            cond = torch.cat(list(cond["c_crossattn"]), dim=1)
+        elif isinstance(cond, list):
+            cond = torch.cat(cond, dim=1)
+        return self.model(x_noisy, t, cond)
+
+    # --------------------------------------------------------- diffusion
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        a = self.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.dtype)
+        s = self.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.dtype)
+        return a * x0 + s * noise
+
+    def p_losses(
+        self,
+        x0: Tensor,
+        cond: Tensor,
+        t: Tensor,
+        noise: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Epsilon MSE; with a mask, the masked squared error is normalised by the mask area."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        eps = self.apply_model(self.q_sample(x0, t, noise), t, cond)
+        err = (eps.float() - noise.float()) ** 2
+        if mask is None:
+            loss = err.mean()
+        else:
+            mask = mask.to(err.dtype).expand_as(err)
+            loss = (err * mask).sum() / mask.sum().clamp_min(1.0)
+        return loss, {"eps": eps, "noise": noise}
+
+    def get_input(self, batch: Mapping[str, Any]) -> tuple[Tensor, list[str]]:
+        """Images (B, H, W, C) in [-1, 1] -> scaled latents; captions as a list."""
+        x = batch[self.first_stage_key].permute(0, 3, 1, 2).contiguous().to(self.dtype)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        return z, list(batch[self.cond_stage_key])
+
+    def conditioning(self, batch: Mapping[str, Any], captions: list[str]) -> Tensor:
+        """Captions -> context, with classifier-free-guidance caption dropout when training."""
+        if self.training and self.cond_drop_prob > 0:
+            drop = torch.rand(len(captions)) < self.cond_drop_prob
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        return self.get_learned_conditioning(captions)
+
+    def shared_step(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        z, captions = self.get_input(batch)
+        cond = self.conditioning(batch, captions)
+        t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device)
+        loss, out = self.p_losses(z, cond, t, mask=self.batch_mask(batch, z))
+        logs = {"loss_simple": loss.detach()}
+        for name, value in self.extra_losses(batch, out).items():
+            loss = loss + value
+            logs[name] = value.detach()
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        loss, logs = self.shared_step(batch)
+        self.log("train/loss", logs.pop("loss"), prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()})
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        _, logs = self.shared_step(batch)
+        self.log("val/loss", logs["loss"], prog_bar=True)
+
+    @torch.no_grad()
+    def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        if isinstance(self.scale_factor, Tensor) and torch.isnan(self.scale_factor):
+            x = batch[self.first_stage_key].permute(0, 3, 1, 2).to(self.dtype)
+            z = self.encode_first_stage(x).sample()
+            std = self.trainer.strategy.reduce(z.float().std(), reduce_op="mean")
+            self.scale_factor.fill_(1.0 / float(std))
+            log.info("scale_factor set to %.5f (1 / latent std)", float(self.scale_factor))
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        # Frozen parts stay in eval mode (dropout off) whatever Lightning asks of the rest.
+        super().train(mode)
+        self.first_stage_model.eval()
+        if not self.cond_stage_trainable:
+            self.cond_stage_model.eval()
+        return self
+
+    # ----------------------------------------------------------- optimiser
+    def effective_learning_rate(self) -> float:
+        if not self.scale_lr:
+            return self.learning_rate
+        trainer = self.trainer
+        batch = getattr(trainer.datamodule, "batch_size", 1) if trainer.datamodule else 1
+        factor = batch * trainer.world_size * trainer.accumulate_grad_batches
+        return self.learning_rate * factor
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.trainable_parameters() if p.requires_grad]
+        lr = self.effective_learning_rate()
+        log.info(
+            "effective lr %.3g (base %.3g, scale_lr=%s); %s trainable parameters",
+            lr,
+            self.learning_rate,
+            self.scale_lr,
+            f"{sum(p.numel() for p in params):,}",
+        )
+        if self.logger is not None:
+            self.logger.log_hyperparams({"effective_lr": lr})
+        factory = self.optimizer_factory or torch.optim.AdamW
+        opt = factory(params, lr=lr)
+        if self.lr_scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": self.lr_scheduler_factory(opt)}
+
+    # --------------------------------------------------------------- weights
+    def load_weights(self, path: str, strict: bool = False) -> None:
+        from ldm.checkpoint import load_into, load_state_dict
+
+        load_into(self, load_state_dict(path), strict=strict)
+
+    def load_first_stage(self, path: str) -> None:
+        from ldm.checkpoint import load_into, load_state_dict
+
+        sd = load_state_dict(resolve_path(path))
+        prefix = "first_stage_model."
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        load_into(self.first_stage_model, sd, strict=True)
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """What a training run saves: the whole model here; variants save their delta."""
+        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+
+    def summary(self) -> str:
+        return (
+            f"UNet {count_params(self.model) / 1e6:.1f}M, VAE "
+            f"{count_params(self.first_stage_model) / 1e6:.1f}M, text "
+            f"{count_params(self.cond_stage_model) / 1e6:.1f}M params"
+        )

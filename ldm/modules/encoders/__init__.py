@@ -1,0 +1,5 @@
+"""Conditioning encoders."""
+
+from ldm.modules.encoders.clip import FrozenCLIPEmbedder, PromptTooLongError
+
+__all__ = ["FrozenCLIPEmbedder", "PromptTooLongError"]

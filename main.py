@@ -1,0 +1,73 @@
+"""Train or fine-tune: ``python main.py [--config-name RECIPE] [overrides]``.
+
+Builds the datamodule, model, callbacks, logger and trainer from the Hydra config, fits, and
+returns ``cfg.optimized_metric`` (for sweepers). Outputs go to ``logs/<task_name>/...``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import hydra  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured model; returns the final callback metrics as floats."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    log.info("%s: %s", type(model).__name__, model.summary())
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    out = Path(cfg.paths.output_dir)
+    if trainer.global_rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg.model, out / "model_config.yaml", resolve=True)
+    trainer.fit(model, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.global_rank == 0:
+        OmegaConf.save(OmegaConf.create(metrics), out / "metrics.yaml")
+    return metrics
+
+
+def run_stages(cfg: DictConfig) -> None:
+    """Run ``cfg.stages`` in order before the main fit (e.g. the autoencoder of toy_pretrain).
+
+    A stage's ``model`` replaces the main model; its other keys are merged into the config. Each
+    writes to ``<output_dir>/<stage name>`` and is skipped when its final weights already exist.
+    """
+    for name, stage in (cfg.get("stages") or {}).items():
+        stage_cfg = OmegaConf.merge(cfg, {k: v for k, v in stage.items() if k != "model"})
+        # Resolve the stage model against the full config before it replaces the main model.
+        stage_cfg.model = OmegaConf.to_container(stage.model, resolve=True)
+        stage_cfg.stages = None
+        stage_cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / name)
+        last = Path(stage_cfg.paths.output_dir) / "checkpoints" / "last.safetensors"
+        if last.exists():
+            log.info("stage %s: %s exists, skipping", name, last)
+            continue
+        log.info("stage %s", name)
+        train(stage_cfg)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    run_stages(cfg)
+    metrics = train(cfg)
+    key = cfg.get("optimized_metric")
+    return metrics.get(key) if key else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Sample images: ``python sample.py [model=sd15 ckpt=...] prompt="..." n_samples=4``.
+
+Writes one PNG per image (``<seed>.png``) and ``grid.png`` into the run folder under ``logs/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from ldm import load_model  # noqa: E402
+from ldm.generate import generate  # noqa: E402
+from ldm.image_io import make_grid, to_pil  # noqa: E402
+from ldm.util import default_device  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model = load_model(cfg.ckpt, config=model_cfg, device=device)
+    outdir = Path(cfg.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths, images = [], []
+    for start in range(0, cfg.n_samples, cfg.batch_size):
+        n = min(cfg.batch_size, cfg.n_samples - start)
+        batch = generate(
+            model,
+            [cfg.prompt] * n,
+            negative_prompt=cfg.negative_prompt,
+            sampler=cfg.sampler.name,
+            steps=cfg.sampler.steps,
+            eta=cfg.sampler.eta,
+            guidance_scale=cfg.guidance_scale,
+            seed=cfg.seed + start,
+        )
+        for i, image in enumerate(to_pil(batch)):
+            path = outdir / f"{cfg.seed + start + i:05d}.png"
+            image.save(path)
+            paths.append(path)
+            images.append(image)
+    make_grid(images).save(outdir / "grid.png")
+    OmegaConf.save(cfg, outdir / "sample_config.yaml")
+    log.info("wrote %d images and grid.png to %s", len(paths), outdir)
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
