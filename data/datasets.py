@@ -45,8 +45,20 @@ def read_reference_layout(root: Path) -> tuple[list[Path], list[str]]:
     return paths, [c.strip() for c in captions[: len(paths)]]
 
 
+def is_readable_image(path: Path) -> bool:
+    """A decodable image file; unreadable ones are logged and skipped, never fatal."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (OSError, UnidentifiedImageError) as err:
+        log.warning("skipping unreadable image %s (%s)", path, err)
+        return False
+    return True
+
+
 def scan_folder(root: Path, caption: str | None) -> tuple[list[Path], list[str]]:
     paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = [p for p in paths if is_readable_image(p)]
     captions = []
     for p in paths:
         side = p.with_suffix(".txt")
@@ -82,25 +94,12 @@ class CaptionedImages(Dataset):
                 captions = [caption] * len(paths)
         else:
             paths, captions = scan_folder(self.root, caption)
-        self.items = self._readable(paths, captions)
+        self.items = [(p, c) for p, c in zip(paths, captions, strict=True) if is_readable_image(p)]
         if not self.items:
             raise ValueError(f"no readable images in {self.root}")
         self.size = size
         self.repeat = repeat
         self.flip_p = flip_p
-
-    @staticmethod
-    def _readable(paths: Sequence[Path], captions: Sequence[str]) -> list[tuple[Path, str]]:
-        items = []
-        for path, caption in zip(paths, captions, strict=True):
-            try:
-                with Image.open(path) as im:
-                    im.verify()
-            except (OSError, UnidentifiedImageError) as err:
-                log.warning("skipping unreadable image %s (%s)", path, err)
-                continue
-            items.append((path, caption))
-        return items
 
     def __len__(self) -> int:
         return len(self.items) * self.repeat

@@ -14,6 +14,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -37,19 +38,11 @@ Pairs = list[tuple[str, str]]  # (CompVis key, diffusers key)
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 TEXT_PREFIX, EMA_PREFIX = "cond_stage_model.transformer.", "model_ema."
 DDPM_BUFFERS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+)  # fmt: skip
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
 DIFFUSERS_VERSION = "0.39.0"  # written into the configs we produce
 # SD v1's text tower (openai/clip-vit-large-patch14) as in SD 1.5's text_encoder/config.json.
@@ -73,18 +66,11 @@ SD_TEXT_CONFIG: dict[str, Any] = {
 }
 # CLIPTextConfig fields that shape the weights or the hidden states (read back from a folder).
 TEXT_ARCH_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "max_position_embeddings",
-    "hidden_act",
-    "layer_norm_eps",
-    "projection_dim",
-)
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim",
+)  # fmt: skip
 SCHEDULES = {"linear": "scaled_linear", "linear_beta": "linear"}  # CompVis -> diffusers name
-# CompVis UNet options whose other values change the weights' layout (not supported here).
+# Options whose other values change the weights' layout or meaning (not supported here).
 _UNET_FIXED = {
     "use_spatial_transformer": True,
     "resblock_updown": False,
@@ -92,6 +78,32 @@ _UNET_FIXED = {
     "use_scale_shift_norm": False,
     "num_classes": None,
     "dims": 2,
+}
+_DIFFUSERS_UNET_FIXED = {
+    "act_fn": "silu",
+    "addition_embed_type": None,
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "resnet_time_scale_shift": "default",
+    "time_embedding_type": "positional",
+}
+_DIFFUSERS_VAE_FIXED = {
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
 }
 
 
@@ -104,11 +116,17 @@ def normalize_model_config(cfg: Any) -> dict[str, Any]:
         cfg = OmegaConf.load(cfg)
     if not isinstance(cfg, Mapping) and not OmegaConf.is_config(cfg):
         raise ValueError(f"model config must be a mapping, got {type(cfg).__name__}")
-    node = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(dict(cfg))
     try:
-        flat: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
-    except Exception:  # noqa: BLE001 - Hydra interpolations that only resolve inside a run
-        flat = OmegaConf.to_container(node, resolve=False)  # type: ignore[assignment]
+        node = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(dict(cfg))
+    except Exception:  # noqa: BLE001 - values OmegaConf cannot hold: keep the mapping as is
+        node = None
+    if node is None:
+        flat: dict[str, Any] = copy.deepcopy(dict(cfg))
+    else:
+        try:
+            flat = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
+        except Exception:  # noqa: BLE001 - Hydra interpolations that only resolve inside a run
+            flat = OmegaConf.to_container(node, resolve=False)  # type: ignore[assignment]
     if isinstance(flat.get("model"), Mapping) and "params" in flat["model"]:
         flat = flat["model"]
     if "params" in flat and "unet_config" not in flat:
@@ -265,25 +283,16 @@ def model_config_from_diffusers(
     scheduler: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Our flat model config, derived back from a diffusers folder's config dicts."""
-    widths = list(unet["block_out_channels"])
+    widths, vw = list(unet["block_out_channels"]), list(vae["block_out_channels"])
     attn = [t.startswith("CrossAttn") for t in unet["down_block_types"]]
-    bad = [
-        k
-        for k in (
-            "class_embed_type",
-            "addition_embed_type",
-            "num_class_embeds",
-            "num_attention_heads",
-        )
-        if unet.get(k) is not None
-    ]
-    if (
-        bad
-        or any(w % widths[0] for w in widths)
-        or unet["up_block_types"]
-        != ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
-    ):
-        raise ValueError(f"unsupported diffusers UNet config ({bad or 'block layout'})")
+    bad = [k for k, v in _DIFFUSERS_UNET_FIXED.items() if unet.get(k, v) != v]
+    bad += [k for k, v in _DIFFUSERS_VAE_FIXED.items() if vae.get(k, v) != v]
+    if unet["up_block_types"] != ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn[::-1]]:
+        bad.append("up_block_types")
+    if any(w % widths[0] for w in widths) or any(w % vw[0] for w in vw):
+        bad.append("block_out_channels")
+    if bad:
+        raise ValueError(f"unsupported diffusers options: {', '.join(bad)}")
     heads = unet.get("attention_head_dim", 8)
     unet_params: dict[str, Any] = {
         "in_channels": unet["in_channels"],
@@ -301,7 +310,6 @@ def model_config_from_diffusers(
         unet_params["num_head_channels"] = widths[0] // heads[0]
     if unet.get("use_linear_projection"):
         unet_params["use_linear_in_transformer"] = True
-    vw = list(vae["block_out_channels"])
     ddconfig = {
         "double_z": True,
         "z_channels": vae["latent_channels"],
@@ -719,6 +727,7 @@ def write_diffusers(
         tmp.chmod(0o755)
         old = out.with_name(f".{out.name}.old") if out.exists() else None
         if old is not None:
+            shutil.rmtree(old, ignore_errors=True)  # left over from an interrupted run
             out.rename(old)
         tmp.rename(out)
         if old is not None:

@@ -25,8 +25,10 @@ from ldm.checkpoint import (
 
 def small_sd(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"layer.weight": torch.randn(3, 4, generator=g),
-            "layer.bias": torch.randn(3, generator=g)}
+    return {
+        "layer.weight": torch.randn(3, 4, generator=g),
+        "layer.bias": torch.randn(3, generator=g),
+    }
 
 
 def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

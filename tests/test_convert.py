@@ -198,10 +198,12 @@ def test_unet_roundtrip_and_diffusers_converters(name):
     assert all(k.startswith(UNET_PREFIX) for k in compvis) and len(compvis) == len(ref)
     assert_same(unet_compvis_to_diffusers(compvis, params), ref)
     new = sfu.convert_ldm_unet_checkpoint(
-        compvis, sfu.create_unet_diffusers_config_from_ldm(orig, compvis, image_size=size))
+        compvis, sfu.create_unet_diffusers_config_from_ldm(orig, compvis, image_size=size)
+    )
     assert_same(new, ref)
     old = legacy.convert_ldm_unet_checkpoint(
-        dict(compvis), legacy.create_unet_diffusers_config(orig, image_size=size))
+        dict(compvis), legacy.create_unet_diffusers_config(orig, image_size=size)
+    )
     assert_same(old, ref)
     del ref, compvis, new, old
     gc.collect()
@@ -223,10 +225,12 @@ def test_vae_roundtrip_and_diffusers_converters(name):
     assert compvis[attn_q].shape[2:] == (1, 1)  # CompVis 1x1 conv
     assert_same(vae_compvis_to_diffusers(compvis, ddconfig), ref)
     new = sfu.convert_ldm_vae_checkpoint(
-        compvis, sfu.create_vae_diffusers_config_from_ldm(orig, compvis, image_size=size))
+        compvis, sfu.create_vae_diffusers_config_from_ldm(orig, compvis, image_size=size)
+    )
     assert_same(new, ref)
     old = legacy.convert_ldm_vae_checkpoint(
-        dict(compvis), legacy.create_vae_diffusers_config(orig, image_size=size))
+        dict(compvis), legacy.create_vae_diffusers_config(orig, image_size=size)
+    )
     assert_same(old, ref)
 
 

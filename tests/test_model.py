@@ -1,0 +1,125 @@
+"""LatentDiffusion: SD v1 key layout, CompVis method names, loss, loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm import build_model, load_model
+
+SD_BUFFERS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+}  # fmt: skip
+
+
+def test_sd15_keys_equal_original_layout():
+    """Our SD-1.5 state dict is exactly what diffusers' SD-1.5 models convert to (meta tensors)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm import resolve_model_config
+    from ldm.convert import (
+        text_diffusers_to_compvis,
+        unet_diffusers_to_compvis,
+        vae_diffusers_to_compvis,
+    )
+    from tests.test_parity_sd15 import load_json
+
+    cfg = resolve_model_config("sd15")
+    with torch.device("meta"):
+        ours = build_model(cfg).state_dict()
+        unet = UNet2DConditionModel.from_config(load_json("unet")).state_dict()
+        vae = AutoencoderKL.from_config(load_json("vae")).state_dict()
+        text = CLIPTextModel(CLIPTextConfig(**load_json("text_encoder"))).state_dict()
+    ref = {
+        **unet_diffusers_to_compvis(unet, cfg["unet_config"]["params"]),
+        **vae_diffusers_to_compvis(vae, cfg["first_stage_config"]["params"]["ddconfig"]),
+        **text_diffusers_to_compvis(text),
+    }
+    ref_keys = set(ref) | SD_BUFFERS
+    assert set(ours) == ref_keys
+    assert all(ours[k].shape == ref[k].shape for k in ref)
+    assert sum(1 for k in ours if k.startswith("model.diffusion_model.")) == 686
+    n = sum(v.numel() for k, v in ours.items() if k.startswith("model.diffusion_model."))
+    assert n == 859_520_964
+
+
+def test_schedule_buffers_match_compvis_linear():
+    model = build_model("tiny")
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(model.betas, betas.float())
+    torch.testing.assert_close(model.alphas_cumprod, torch.cumprod(1 - betas, 0).float())
+
+
+def test_compvis_methods(tiny_ldm):
+    model = tiny_ldm
+    c = model.get_learned_conditioning(["a photo of a red circle", ""])
+    assert c.shape == (2, 77, 32)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = model.get_first_stage_encoding(model.encode_first_stage(x))
+    assert z.shape == (2, 4, 8, 8)
+    eps = model.apply_model(z, torch.tensor([0, 999]), c)
+    assert eps.shape == z.shape
+    torch.testing.assert_close(model.apply_model(z, torch.tensor([0, 999]), {"c_crossattn": [c]}),
+                               eps)
+    assert model.decode_first_stage(z).shape == x.shape
+
+
+def test_masked_loss_is_normalised_by_mask_area(tiny_model):
+    z = torch.randn(2, 4, 8, 8)
+    c = tiny_model.get_learned_conditioning(["a", "b"])
+    t = torch.tensor([10, 500])
+    noise = torch.randn_like(z)
+    full, out = tiny_model.p_losses(z, c, t, noise=noise)
+    ones, _ = tiny_model.p_losses(z, c, t, noise=noise, mask=torch.ones(2, 1, 8, 8))
+    torch.testing.assert_close(full, ones)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4, :] = 1
+    half, _ = tiny_model.p_losses(z, c, t, noise=noise, mask=mask)
+    err = (out["eps"] - noise) ** 2
+    torch.testing.assert_close(half, err[..., :4, :].mean())
+
+
+def test_training_step_updates_only_unet(tiny_model):
+    opt = torch.optim.SGD(tiny_model.trainable_parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": ["a red circle", "a square"]}
+    loss, logs = tiny_model.shared_step(batch)
+    loss.backward()
+    opt.step()
+    after = tiny_model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.diffusion_model.") for k in changed)
+    assert torch.isfinite(logs["loss"])
+
+
+def test_unknown_argument_is_refused():
+    with pytest.raises(TypeError, match="unknown arguments"):
+        build_model("tiny", not_an_option=1)
+
+
+def test_load_model_round_trip(tmp_path, tiny_ldm):
+    from ldm.checkpoint import save_state_dict
+
+    path = tmp_path / "tiny.safetensors"
+    save_state_dict(tiny_ldm.state_dict(), path)
+    loaded = load_model(path, config="tiny")
+    assert not loaded.training
+    for k, v in tiny_ldm.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_load_model_reports_bad_config_name():
+    with pytest.raises(FileNotFoundError, match="known"):
+        load_model(None, config="no_such_model")
+
+
+def test_scale_factor_estimated_once():
+    model = build_model("tiny", scale_factor=None)
+    assert torch.isnan(model.scale_factor)
+    with pytest.raises(RuntimeError, match="scale_factor"):
+        model.decode_first_stage(torch.zeros(1, 4, 8, 8))
+    assert "scale_factor" in model.state_dict()
