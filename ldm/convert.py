@@ -45,6 +45,7 @@ DDPM_BUFFERS = (
 )  # fmt: skip
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
 DIFFUSERS_VERSION = "0.39.0"  # written into the configs we produce
+SD_SCALE_FACTOR = 0.18215
 # SD v1's text tower (openai/clip-vit-large-patch14) as in SD 1.5's text_encoder/config.json.
 SD_TEXT_CONFIG: dict[str, Any] = {
     "vocab_size": 49408,
@@ -110,8 +111,8 @@ _DIFFUSERS_VAE_FIXED = {
 # ------------------------------------------------------------------------------------ configs
 def normalize_model_config(cfg: Any) -> dict[str, Any]:
     """The flat form (``_target_`` + LatentDiffusion kwargs) of ``cfg``, which may be that form,
-    a CompVis ``{model: {target, params}}`` or ``{target, params}`` mapping (dict or OmegaConf),
-    or a YAML path."""
+    a CompVis ``{model: {target, params}}`` or ``{target, params}`` mapping, a root config with a
+    ``model`` entry (dicts or OmegaConf), or a YAML path."""
     if isinstance(cfg, str | Path):
         cfg = OmegaConf.load(cfg)
     if not isinstance(cfg, Mapping) and not OmegaConf.is_config(cfg):
@@ -127,8 +128,9 @@ def normalize_model_config(cfg: Any) -> dict[str, Any]:
             flat = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
         except Exception:  # noqa: BLE001 - Hydra interpolations that only resolve inside a run
             flat = OmegaConf.to_container(node, resolve=False)  # type: ignore[assignment]
-    if isinstance(flat.get("model"), Mapping) and "params" in flat["model"]:
-        flat = flat["model"]
+    model = flat.get("model")
+    if isinstance(model, Mapping) and ("params" in model or "unet_config" in model):
+        flat = dict(model)  # a CompVis YAML, or a Hydra root config with a model group
     if "params" in flat and "unet_config" not in flat:
         flat = {"_target_": flat.get("target"), **(flat["params"] or {})}
     missing = [k for k in ("unet_config", "first_stage_config") if k not in flat]
@@ -210,7 +212,7 @@ def vae_diffusers_config(
     ddconfig: Mapping[str, Any],
     embed_dim: int | None = None,
     sample_size: int | None = None,
-    scaling_factor: float = 0.18215,
+    scaling_factor: float = SD_SCALE_FACTOR,
 ) -> dict[str, Any]:
     """``AutoencoderKL`` config of a CompVis ``ddconfig`` (``sample_size`` in image pixels)."""
     _check_vae(ddconfig, embed_dim)
@@ -267,7 +269,7 @@ def diffusers_configs(model_config: Any, scale_factor: float | None = None) -> d
     unet_p, dd, embed_dim, text = _params(cfg)
     size = cfg.get("image_size", 64)  # latent size
     pixels = size * 2 ** (len(dd["ch_mult"]) - 1)
-    scale = scale_factor if scale_factor is not None else cfg.get("scale_factor", 0.18215)
+    scale = scale_factor if scale_factor is not None else cfg.get("scale_factor", SD_SCALE_FACTOR)
     return {
         "unet": unet_diffusers_config(unet_p, size),
         "vae": vae_diffusers_config(dd, embed_dim, pixels, scale),
@@ -282,7 +284,10 @@ def model_config_from_diffusers(
     text: Mapping[str, Any],
     scheduler: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Our flat model config, derived back from a diffusers folder's config dicts."""
+    """Our flat model config, derived back from a diffusers folder's config dicts.
+
+    A VAE ``scaling_factor`` other than SD's is taken as trained: the config gets
+    ``scale_factor: null`` and :func:`read_diffusers` puts the value in the weights."""
     widths, vw = list(unet["block_out_channels"]), list(vae["block_out_channels"])
     attn = [t.startswith("CrossAttn") for t in unet["down_block_types"]]
     bad = [k for k, v in _DIFFUSERS_UNET_FIXED.items() if unet.get(k, v) != v]
@@ -330,6 +335,7 @@ def model_config_from_diffusers(
             f"{sched.get('prediction_type')!r} prediction"
         )
     first_stage = {"embed_dim": vae["latent_channels"], "ddconfig": ddconfig}
+    scale = vae.get("scaling_factor", SD_SCALE_FACTOR)
     text_config = {k: text[k] for k in TEXT_ARCH_KEYS if k in text}
     return {
         "_target_": "ldm.models.diffusion.ddpm.LatentDiffusion",
@@ -337,7 +343,7 @@ def model_config_from_diffusers(
         "linear_end": sched.get("beta_end", 0.012),
         "timesteps": sched.get("num_train_timesteps", 1000),
         "beta_schedule": schedule,
-        "scale_factor": vae.get("scaling_factor", 0.18215),
+        "scale_factor": scale if scale == SD_SCALE_FACTOR else None,  # else: a buffer
         "image_size": unet.get("sample_size", 64),
         "unet_config": {
             "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
@@ -763,7 +769,8 @@ def read_diffusers(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"]
     )
     parts = {name: _load_part(root / name, stem) for name, stem in _WEIGHTS.items()}
-    return diffusers_to_compvis(parts, cfg), cfg
+    scale = configs["vae"].get("scaling_factor", SD_SCALE_FACTOR)
+    return diffusers_to_compvis(parts, cfg, scale_factor=scale), cfg
 
 
 # ---------------------------------------------------------------------------------------- CLI

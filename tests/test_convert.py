@@ -40,6 +40,8 @@ from ldm.convert import (
 from tests.conftest import ROOT, SHARED
 
 SD15 = SHARED / "data" / "sd15_configs"
+# diffusers' single-file config builders take the image size only through a deprecated argument.
+pytestmark = pytest.mark.filterwarnings("ignore:`image_size` is deprecated:FutureWarning")
 needs_sd15 = pytest.mark.skipif(not SD15.exists(), reason="shared/data/sd15_configs missing")
 CONFIGS = ["small", pytest.param("sd15", marks=needs_sd15)]
 
@@ -270,21 +272,26 @@ def test_whole_model_roundtrip_ema_and_mismatch():
         compvis_to_diffusers(sd, wide)
 
 
-def test_our_model_through_a_diffusers_folder(tiny_model, tmp_path):
+@pytest.mark.parametrize("name", ["tiny", "toy"])
+def test_our_model_through_a_diffusers_folder(name, tmp_path):
     """Our LatentDiffusion's state dict -> diffusers folder -> back: same keys, same tensors,
-    and the model config read back from the folder builds a model that takes the weights."""
+    and the config read back from the folder builds a model that takes them (toy: the trained
+    ``scale_factor`` buffer survives)."""
     from ldm import build_model, resolve_model_config
     from ldm.checkpoint import load_into
     from ldm.convert import read_diffusers, write_diffusers
 
-    cfg = resolve_model_config("tiny")
-    sd = tiny_model.state_dict()
-    write_diffusers(sd, cfg, tmp_path / "tiny")
-    back, guessed = read_diffusers(tmp_path / "tiny")
+    cfg = resolve_model_config(name)
+    torch.manual_seed(0)
+    sd = build_model(cfg, ckpt=None).state_dict()
+    if cfg["scale_factor"] is None:
+        sd["scale_factor"].fill_(0.75)
+    write_diffusers(sd, cfg, tmp_path / name)
+    back, guessed = read_diffusers(tmp_path / name)
     assert_same(back, sd)
-    for key in ("unet_config", "first_stage_config", "cond_stage_config", "linear_start"):
+    for key in ("unet_config", "first_stage_config", "cond_stage_config", "scale_factor"):
         assert guessed[key] == cfg[key], key
-    assert load_into(build_model(guessed), back, strict=True) == ([], [])
+    assert load_into(build_model(guessed, ckpt=None), back, strict=True) == ([], [])
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -92,7 +92,12 @@ def test_caption_grammar() -> None:
         " and an outlined purple triangle"
     )
     assert caption(objs[:1], class_word_only=True) == "a circle"
-    assert parse_caption(caption(objs, "a photo of {}"))[2] == ("ring", "green", "twotone", "yellow")
+    assert parse_caption(caption(objs, "a photo of {}"))[2] == (
+        "ring",
+        "green",
+        "twotone",
+        "yellow",
+    )
     with pytest.raises(ValueError):
         parse_caption("a photo of a dog")
 

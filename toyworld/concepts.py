@@ -75,9 +75,7 @@ class Concept:
         """Full toy-world phrase, e.g. "a purple triangle with orange dots"."""
         return object_phrase(self.object())
 
-    def object(
-        self, size: float = 0.6, position: tuple[float, float] = (0.5, 0.5)
-    ) -> ObjectSpec:
+    def object(self, size: float = 0.6, position: tuple[float, float] = (0.5, 0.5)) -> ObjectSpec:
         """The concept placed in a scene."""
         return ObjectSpec(*self.combo, size=size, position=position)
 
@@ -139,7 +137,9 @@ def near_misses(name: str) -> list[Combo]:
     return [c for c in dict.fromkeys(out) if is_valid_combo(c) and c not in EXCLUDED_COMBOS]
 
 
-def concept_objects(name: str, n: int = 6, seed: int = 0) -> list[tuple[ObjectSpec, tuple]]:
+def concept_objects(
+    name: str, n: int = 6, seed: int = 0
+) -> list[tuple[ObjectSpec, tuple[int, int, int]]]:
     """``n`` placements of the concept: ``(object, background)`` pairs, deterministic."""
     concept = CONCEPTS[name]
     rng = np.random.default_rng([zlib.crc32(name.encode()), seed])
@@ -157,9 +157,7 @@ def concept_images(name: str, n: int = 6, size: int = 32, seed: int = 0) -> list
     return [render_scene([obj], size, bg) for obj, bg in concept_objects(name, n, seed)]
 
 
-def write_image_folder(
-    images: list[Image.Image], captions: list[str], out: str | Path
-) -> Path:
+def write_image_folder(images: list[Image.Image], captions: list[str], out: str | Path) -> Path:
     """Write ``out/images/NNN.png``, ``out/images.txt`` and ``out/caption.txt``; returns ``out``."""
     if len(images) != len(captions):
         raise ValueError("one caption per image")
@@ -175,9 +173,7 @@ def write_image_folder(
     return out
 
 
-def export_concept(
-    name: str, out: str | Path, n: int = 6, size: int = 32, seed: int = 0
-) -> Path:
+def export_concept(name: str, out: str | Path, n: int = 6, size: int = 32, seed: int = 0) -> Path:
     """Write a concept's example images and class-word captions in the reference layout."""
     concept = CONCEPTS[name]
     images = concept_images(name, n, size, seed)

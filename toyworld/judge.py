@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -74,12 +75,14 @@ def to_batch(images: ImageBatch, size: int = INPUT_SIZE) -> torch.Tensor:
             x = x.permute(0, 3, 1, 2)
         x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
     else:
-        arrays = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)
-                  for im in images]
+        arrays = [
+            np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images
+        ]
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
     return x.clamp(-1.0, 1.0).contiguous()
 
 
@@ -92,8 +95,11 @@ class Judge(nn.Module):
         self.hidden = int(hidden)
         w1, w2, w3, w4 = self.widths
         self.trunk = nn.Sequential(
-            *_block(3, w1), nn.MaxPool2d(2),  # 16x16
-            *_block(w1, w2), *_block(w2, w3), nn.MaxPool2d(2),  # 8x8
+            *_block(3, w1),
+            nn.MaxPool2d(2),  # 16x16
+            *_block(w1, w2),
+            *_block(w2, w3),
+            nn.MaxPool2d(2),  # 8x8
             *_block(w3, w4),
         )
         self.head = nn.Sequential(
@@ -166,12 +172,13 @@ class Judge(nn.Module):
     def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> Judge:
         """Load weights (default: the shipped ``toyworld/judge.safetensors``), in eval mode."""
         path = Path(path) if path is not None else DEFAULT_WEIGHTS
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        expected = {"object_labels": OBJECT_LABELS, "concepts": CONCEPT_NAMES,
-                    "patterns": PATTERN_LABELS}
+        expected = {
+            "object_labels": OBJECT_LABELS,
+            "concepts": CONCEPT_NAMES,
+            "patterns": PATTERN_LABELS,
+        }
         for key, labels in expected.items():
             if [tuple(x) if isinstance(x, list) else x for x in json.loads(meta[key])] != list(
                 labels

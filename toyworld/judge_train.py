@@ -144,9 +144,11 @@ def degrade(x: torch.Tensor, g: torch.Generator, p: float = 0.75) -> torch.Tenso
     # Blotchy low-frequency noise and white noise.
     blotch = F.interpolate(torch.randn(b, 3, 4, 4, generator=g), size=(h, w), mode="bilinear")
     z = z + blotch * torch.where(on, u(0.0, 0.03, b), 0.0)[:, None, None, None]
-    z = z + torch.randn(z.shape, generator=g) * torch.where(on, u(0.0, 0.05, b), 0.0)[
-        :, None, None, None
-    ]
+    z = (
+        z
+        + torch.randn(z.shape, generator=g)
+        * torch.where(on, u(0.0, 0.05, b), 0.0)[:, None, None, None]
+    )
     return (z.clamp(0, 1) * 2 - 1).contiguous()
 
 
@@ -174,15 +176,15 @@ def train(
         sched.step()
         running += loss.item()
         if (step + 1) % 100 == 0:
-            log.info("step %d/%d loss %.4f (%.0f s)", step + 1, steps, running / 100,
-                     time.time() - start)
+            log.info(
+                "step %d/%d loss %.4f (%.0f s)", step + 1, steps, running / 100, time.time() - start
+            )
             running = 0.0
     judge.eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     judge.save(out)
-    log.info("trained in %.0f s; saved %s (%d bytes)", time.time() - start, out,
-             out.stat().st_size)
+    log.info("trained in %.0f s; saved %s (%d bytes)", time.time() - start, out, out.stat().st_size)
     return judge
 
 
