@@ -55,12 +55,19 @@ def load_model(
     device: str | torch.device = "cpu",
     strict: bool = False,
 ):
-    """Build the model of ``config`` and load ``ckpt_path`` into it; returns it in eval mode."""
+    """Build the model of ``config`` and load ``ckpt_path`` into it; returns it in eval mode.
+
+    Without ``ckpt_path`` the config's own ``ckpt`` (e.g. the shipped toy base) is loaded.
+    """
     from ldm.checkpoint import load_into, load_state_dict
 
+    if ckpt_path is None:
+        model = build_model(config)
+        if not resolve_model_config(config).get("ckpt"):
+            log.warning("no checkpoint given: the model has random weights")
+        return model.eval().to(device)
     model = build_model(config, ckpt=None)
-    if ckpt_path is not None:
-        load_into(model, load_state_dict(ckpt_path), strict=strict)
+    load_into(model, load_state_dict(ckpt_path), strict=strict)
     return model.eval().to(device)
 
 

@@ -18,15 +18,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from toyworld.concepts import CONCEPTS, Concept
-from toyworld.world import COLOURS, PATTERNS, SHAPES, ObjectSpec, render_scene
-
 if TYPE_CHECKING:
+    from toyworld.concepts import CONCEPTS, Concept
     from toyworld.dataset import ToyWorldDataset, make_example, render_spec
     from toyworld.judge import Judge, evaluate_judge
+    from toyworld.world import COLOURS, PATTERNS, SHAPES, ObjectSpec, render_scene
 
-# Torch-dependent parts load on first use, so the vocabulary imports without torch.
+# Everything loads on first use: the vocabulary imports without torch, and `python -m
+# toyworld.concepts` does not find its module already imported by the package.
 _LAZY = {
+    "COLOURS": "toyworld.world",
+    "PATTERNS": "toyworld.world",
+    "SHAPES": "toyworld.world",
+    "ObjectSpec": "toyworld.world",
+    "render_scene": "toyworld.world",
+    "CONCEPTS": "toyworld.concepts",
+    "Concept": "toyworld.concepts",
     "ToyWorldDataset": "toyworld.dataset",
     "make_example": "toyworld.dataset",
     "render_spec": "toyworld.dataset",

@@ -9,11 +9,13 @@ Three multi-label sigmoid heads on one convolutional trunk (32x32 input, 4 conv 
 - ``patterns``: whether some object wears each non-plain pattern (``PATTERN_LABELS``).
 
 It is trained on freshly generated, mildly degraded scenes (``toyworld.judge_train``) and shipped
-as ``toyworld/judge.safetensors`` (fp32, label lists in the metadata).
+as ``toyworld/judge.safetensors`` (fp32, 0.5 MB, label lists in the metadata), made by the
+default ``train`` command (3000 steps of 128, seed 0: about 13 min on one shared CPU thread;
+1500 steps is not enough, 0.96 instead of 0.999 exact-set accuracy on clean 1-2 object scenes).
 
 CLI::
 
-    python -m toyworld.judge train --out toyworld/judge.safetensors [--steps 2500]
+    python -m toyworld.judge train --out toyworld/judge.safetensors [--steps 3000]
     python -m toyworld.judge validate [--weights PATH]   # prints accuracy JSON
 """
 
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train")
     train.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
-    train.add_argument("--steps", type=int, default=2500)
+    train.add_argument("--steps", type=int, default=3000)
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--seed", type=int, default=0)

@@ -153,7 +153,7 @@ def degrade(x: torch.Tensor, g: torch.Generator, p: float = 0.75) -> torch.Tenso
 
 
 def train(
-    out: str | Path, steps: int = 2500, batch_size: int = 128, lr: float = 3e-3, seed: int = 0
+    out: str | Path, steps: int = 3000, batch_size: int = 128, lr: float = 3e-3, seed: int = 0
 ) -> Judge:
     """Train a judge from scratch on fresh batches and save it to ``out``."""
     torch.manual_seed(seed)
