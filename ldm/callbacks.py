@@ -75,14 +75,15 @@ class LogSamples(pl.Callback):
             return
         was_training = pl_module.training
         pl_module.eval()
-        images = generate(
-            pl_module,
-            self.prompts,
-            steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            seed=self.seed,
-            progress=False,
-        )
+        with pl_module.ema_scope():
+            images = generate(
+                pl_module,
+                self.prompts,
+                steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                seed=self.seed,
+                progress=False,
+            )
         pl_module.train(was_training)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"{tag}.png"

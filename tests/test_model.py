@@ -123,3 +123,24 @@ def test_scale_factor_estimated_once():
     with pytest.raises(RuntimeError, match="scale_factor"):
         model.decode_first_stage(torch.zeros(1, 4, 8, 8))
     assert "scale_factor" in model.state_dict()
+
+
+def test_ema_tracks_unet_and_is_exported():
+    model = build_model("tiny", ema_decay=0.9)
+    assert any(k.startswith("model_ema.") for k in model.state_dict())
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    start = {k: v.clone() for k, v in model.model.state_dict().items()}
+    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": ["a", "b"]}
+    for _ in range(3):
+        model.shared_step(batch)[0].backward()
+        opt.step()
+        opt.zero_grad()
+        model.on_train_batch_end(None, batch, 0)
+    trained = {k: v.clone() for k, v in model.model.state_dict().items()}
+    exported = model.export_state_dict()
+    assert not any(k.startswith("model_ema.") for k in exported)
+    key = "diffusion_model.out.2.weight"
+    ema = exported["model." + key]
+    # The EMA lies strictly between the start and the trained weights, and training resumes intact.
+    assert not torch.equal(ema, trained[key]) and not torch.equal(ema, start[key])
+    assert torch.equal(model.model.state_dict()[key], trained[key])

@@ -11,7 +11,8 @@ Variants override only the small methods below: ``trainable_parameters``, ``inst
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from ldm.modules.ema import LitEma
 from ldm.util import count_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class LatentDiffusion(pl.LightningModule):
         scale_lr: bool = False,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
+        ema_decay: float | None = None,
         first_stage_ckpt: str | None = None,
         ckpt: str | None = None,
         **compvis_extra: Any,
@@ -128,6 +131,8 @@ class LatentDiffusion(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end)
+        # EMA of the UNet (keys ``model_ema.*`` as in CompVis); exported in place of the UNet.
+        self.model_ema = LitEma(self.model, ema_decay) if ema_decay else None
         if first_stage_ckpt:
             self.load_first_stage(first_stage_ckpt)
         if ckpt:
@@ -276,6 +281,19 @@ class LatentDiffusion(pl.LightningModule):
             self.scale_factor.fill_(1.0 / float(std))
             log.info("scale_factor set to %.5f (1 / latent std)", float(self.scale_factor))
 
+    def on_train_batch_end(self, outputs: Any, batch: Mapping[str, Any], batch_idx: int) -> None:
+        if self.model_ema is not None:
+            self.model_ema(self.model)
+
+    @contextmanager
+    def ema_scope(self) -> Iterator[None]:
+        """Use the EMA UNet weights inside the block (no-op without EMA)."""
+        if self.model_ema is None:
+            yield
+            return
+        with self.model_ema.swapped_in(self.model):
+            yield
+
     def train(self, mode: bool = True) -> LatentDiffusion:
         # Frozen parts stay in eval mode (dropout off) whatever Lightning asks of the rest.
         super().train(mode)
@@ -327,8 +345,11 @@ class LatentDiffusion(pl.LightningModule):
         load_into(self.first_stage_model, sd, strict=True)
 
     def export_state_dict(self) -> dict[str, Tensor]:
-        """What a training run saves: the whole model here; variants save their delta."""
-        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        """What a training run saves: the whole model (with the EMA UNet if any); variants save
+        their delta."""
+        with self.ema_scope():
+            sd = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        return {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
 
     def summary(self) -> str:
         return (
