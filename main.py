@@ -21,9 +21,23 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+def run_prepare(cfg: DictConfig) -> None:
+    """Run the ``cfg.prepare`` steps in order (``_target_`` callables: export a concept's images,
+    generate regularization images, ...), before the data they write is read. Null steps are
+    skipped, and so are all steps in the DDP processes Lightning starts (``LOCAL_RANK`` > 0) at
+    ``fit``, after local rank 0 has prepared the files."""
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return
+    for name, step in (cfg.get("prepare") or {}).items():
+        if step:
+            log.info("prepare %s", name)
+            instantiate(step)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; returns the final callback metrics as floats."""
     pl.seed_everything(cfg.seed, workers=True)
+    run_prepare(cfg)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     log.info("%s: %s", type(model).__name__, model.summary())

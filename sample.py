@@ -1,4 +1,7 @@
-"""Sample images: ``python sample.py [model=sd15 ckpt=...] prompt="..." n_samples=4``.
+"""Sample images: ``python sample.py [model=sd15 ckpt=...] [delta=D] prompt="..." n_samples=4``.
+
+``delta`` (a Custom Diffusion ``.safetensors`` delta) adds its tokens and weights to the base
+first; one trained on another base is refused unless ``force_delta=true``.
 
 Writes one PNG per image (``<seed>.png``) and ``grid.png`` into the run folder under ``logs/``.
 """
@@ -28,6 +31,13 @@ def run(cfg: DictConfig) -> list[Path]:
     device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model = load_model(cfg.ckpt, config=model_cfg, device=device)
+    if cfg.get("delta"):
+        from custom.delta import DeltaMismatchError, apply_delta
+
+        try:
+            apply_delta(model, cfg.delta, force=cfg.force_delta)
+        except DeltaMismatchError as exc:
+            raise SystemExit(f"error: {exc}") from None
     outdir = Path(cfg.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths, images = [], []

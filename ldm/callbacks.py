@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class SaveWeights(pl.Callback):
-    """Writes ``model.export_state_dict()`` to ``dirpath/{step}.safetensors`` and ``last``.
+    """Writes ``model.export_state_dict()`` (with ``model.export_metadata()`` in the header) to
+    ``dirpath/{step}.safetensors`` and ``last``.
 
     The file is written to a temporary name and renamed, so an interrupted save never replaces
     a good file with a broken one.
@@ -33,7 +34,7 @@ class SaveWeights(pl.Callback):
             return
         path = self.dirpath / f"{name}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_state_dict(pl_module.export_state_dict(), path)
+        save_state_dict(pl_module.export_state_dict(), path, metadata=pl_module.export_metadata())
         log.info("saved %s", path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

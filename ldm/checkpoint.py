@@ -12,19 +12,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ldm.modules.tokens import PLACEHOLDER_PARAM
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,8 @@ SAFETENSORS_SUFFIX = ".safetensors"
 # Keys that never matter when loading: the CLIP position-id buffer (absent from new transformers
 # state dicts, present in old checkpoints) and the EMA copy of full-EMA training checkpoints.
 DEFAULT_IGNORE: tuple[str, ...] = (r"(^|\.)position_ids$", r"^model_ema\.")
+# Not part of a base model's identity: those, plus placeholder-token rows added for training.
+FINGERPRINT_IGNORE: tuple[str, ...] = (*DEFAULT_IGNORE, rf"(^|\.){PLACEHOLDER_PARAM}$")
 # Training metadata that sits next to ``state_dict`` in Lightning checkpoints (callback state
 # keyed by the callback class, numpy scalars for scores). Replaced by `_Inert` on load.
 INERT_GLOBALS: tuple[str, ...] = (
@@ -160,11 +165,17 @@ def _for_safetensors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
+def save_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write ``sd`` as ``.safetensors`` or as a ``{"state_dict": sd}`` ``.ckpt``.
 
-    The data goes to a temporary file in the same directory that is renamed over ``path`` only
-    once complete, so a failed save leaves any existing file untouched.
+    ``metadata`` (strings) goes into the safetensors header, or beside ``state_dict`` in a
+    pickle (only when given); :func:`read_metadata` reads it back. The data goes to a temporary
+    file in the same directory that is renamed over ``path`` only once complete, so a failed save
+    leaves any existing file untouched.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -173,15 +184,20 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(f"state dict entries must be tensors; not: {bad[:5]}")
+    meta = {"format": "pt", **(metadata or {})}
+    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"metadata keys and values must be strings; not: {bad[:5]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         if suffix == SAFETENSORS_SUFFIX:
-            save_file(_for_safetensors(sd), tmp, metadata={"format": "pt"})
+            save_file(_for_safetensors(sd), tmp, metadata=meta)
         else:
-            torch.save({"state_dict": dict(sd)}, tmp)
+            extra = {"metadata": meta} if metadata else {}
+            torch.save({"state_dict": dict(sd), **extra}, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -189,6 +205,51 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata :func:`save_state_dict` stored in ``path`` (empty if none)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        try:
+            with safe_open(path, framework="pt") as f:
+                return dict(f.metadata() or {})
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(
+                f"{path}: not a readable safetensors file ({_first_line(exc)})"
+            ) from None
+    obj = _torch_load(path)
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, Mapping) else {}
+
+
+def fingerprint(
+    sd: Mapping[str, torch.Tensor],
+    exclude: Iterable[str] = (),
+    ignore: Sequence[str] = FINGERPRINT_IGNORE,
+    samples: int = 64,
+) -> str:
+    """A cheap, stable identity of a set of weights: 16 hex digits.
+
+    Hashes every key (sorted) with its shape and ``samples`` evenly spaced values rounded to
+    float16, so it costs milliseconds even for SD, does not depend on the device, and is equal
+    for an fp32 model and its fp16 copy. Keys in ``exclude`` or matching ``ignore`` are skipped.
+    """
+    skip = set(exclude)
+    patterns = [re.compile(p) for p in ignore]
+    h = hashlib.sha256()
+    for key in sorted(sd):
+        if key in skip or any(p.search(key) for p in patterns):
+            continue
+        flat = sd[key].detach().reshape(-1)
+        n = flat.numel()
+        idx = torch.linspace(0, max(n - 1, 0), min(n, samples)).round().long()
+        values = flat[idx.to(flat.device)].float().cpu().to(torch.float16)
+        h.update(f"{key}:{tuple(sd[key].shape)}:".encode())
+        h.update(values.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def summarize_keys(missing: Sequence[str], unexpected: Sequence[str], max_names: int = 5) -> str:

@@ -94,3 +94,19 @@ def test_recording_keeps_grad_for_latent_updates(tiny_model):
         loss = sum(p[..., 1].max() for p in store.maps.values())
     (grad,) = torch.autograd.grad(loss, x)
     assert grad.abs().sum() > 0
+
+
+def test_project_hook_changes_only_projections():
+    class ZeroValues(AttnProcessor):
+        def project(self, attn, x, context):
+            q, k, v = super().project(attn, x, context)
+            return q, k, torch.zeros_like(v)
+
+    torch.manual_seed(0)
+    attn = CrossAttention(64, context_dim=32, heads=4, dim_head=16)
+    x, ctx = torch.randn(2, 10, 64), torch.randn(2, 7, 32)
+    q, k, v = AttnProcessor().project(attn, x, ctx)
+    assert q.shape == (2, 4, 10, 16) and k.shape == v.shape == (2, 4, 7, 16)
+    attn.processor = ZeroValues()
+    # Zero values: the output is the output projection's bias alone.
+    torch.testing.assert_close(attn(x, ctx), attn.to_out[0].bias.expand(2, 10, 64))

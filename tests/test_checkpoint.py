@@ -178,3 +178,33 @@ def test_load_into_ignores_position_ids_and_ema(caplog):
     assert load_into(fresh[0], plain, strict=True) == ([], [])
     with pytest.raises(ValueError, match="1 shape mismatches: layer.weight"):
         load_into(torch.nn.ModuleDict({"layer": torch.nn.Linear(5, 3)}), small_sd())
+
+
+def test_metadata_round_trip(tmp_path):
+    from ldm.checkpoint import read_metadata
+
+    sd = small_sd()
+    for name in ("m.safetensors", "m.ckpt"):
+        save_state_dict(sd, tmp_path / name, metadata={"method": "x", "step": "3"})
+        meta = read_metadata(tmp_path / name)
+        assert meta["method"] == "x" and meta["step"] == "3"
+        assert_same(load_state_dict(tmp_path / name), sd)
+    save_state_dict(sd, tmp_path / "plain.ckpt")
+    assert read_metadata(tmp_path / "plain.ckpt") == {}
+    with pytest.raises(TypeError, match="strings"):
+        save_state_dict(sd, tmp_path / "bad.safetensors", metadata={"step": 3})
+
+
+def test_fingerprint_is_stable_cheap_and_selective():
+    from ldm.checkpoint import fingerprint
+
+    sd = {**small_sd(), "big": torch.randn(1000, 100)}
+    ref = fingerprint(sd)
+    assert len(ref) == 16 and ref == fingerprint({k: v.clone() for k, v in sd.items()})
+    assert fingerprint({k: v.half() for k, v in sd.items()}) == ref  # an fp16 copy is the same base
+    changed = {**sd, "big": sd["big"].clone()}
+    changed["big"].view(-1)[-1] += 1.0  # the last element is always sampled
+    assert fingerprint(changed) != ref
+    assert fingerprint(changed, exclude=["big"]) == fingerprint(sd, exclude=["big"])
+    rows = {**sd, "emb.placeholder_weight": torch.randn(2, 4), "model_ema.x": torch.ones(1)}
+    assert fingerprint(rows) == ref  # placeholder rows and EMA copies are not the base

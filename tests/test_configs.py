@@ -31,8 +31,9 @@ def test_model_configs_instantiate(model, tmp_path):
 
 
 def test_trainer_and_data_instantiate(tmp_path):
-    cfg = compose_config("train", ["model=tiny", "trainer=ddp", "trainer.accelerator=cpu"],
-                         tmp_path)
+    cfg = compose_config(
+        "train", ["model=tiny", "trainer=ddp", "trainer.accelerator=cpu"], tmp_path
+    )
     assert cfg.trainer.strategy == "ddp"
     dm = instantiate(compose_config("train", ["model=tiny"], tmp_path).data)
     batch = next(iter(dm.train_dataloader()))
@@ -41,9 +42,19 @@ def test_trainer_and_data_instantiate(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_cpu(tmp_path):
-    cmd = [sys.executable, "main.py", "model=tiny", "trainer=ddp", "trainer.accelerator=cpu",
-           "trainer.devices=2", "trainer.max_steps=2", "data.batch_size=2", "logger=null",
-           "callbacks.log_samples=null", f"hydra.run.dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "main.py",
+        "model=tiny",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "data.batch_size=2",
+        "logger=null",
+        "callbacks.log_samples=null",
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "checkpoints" / "last.safetensors").exists()
@@ -51,8 +62,16 @@ def test_ddp_two_processes_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweep(tmp_path):
-    cmd = [sys.executable, "main.py", "-m", "model=tiny", "trainer.max_steps=1,2",
-           "data.batch_size=2", "callbacks.log_samples=null", f"hydra.sweep.dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "main.py",
+        "-m",
+        "model=tiny",
+        "trainer.max_steps=1,2",
+        "data.batch_size=2",
+        "callbacks.log_samples=null",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for job in ("0", "1"):

@@ -63,8 +63,9 @@ def test_compvis_methods(tiny_ldm):
     assert z.shape == (2, 4, 8, 8)
     eps = model.apply_model(z, torch.tensor([0, 999]), c)
     assert eps.shape == z.shape
-    torch.testing.assert_close(model.apply_model(z, torch.tensor([0, 999]), {"c_crossattn": [c]}),
-                               eps)
+    torch.testing.assert_close(
+        model.apply_model(z, torch.tensor([0, 999]), {"c_crossattn": [c]}), eps
+    )
     assert model.decode_first_stage(z).shape == x.shape
 
 
@@ -81,6 +82,11 @@ def test_masked_loss_is_normalised_by_mask_area(tiny_model):
     half, _ = tiny_model.p_losses(z, c, t, noise=noise, mask=mask)
     err = (out["eps"] - noise) ** 2
     torch.testing.assert_close(half, err[..., :4, :].mean())
+    # Each sample is normalised by its own area, then the batch is averaged (as the references).
+    mask[1, ..., 1:, :] = 0
+    uneven, _ = tiny_model.p_losses(z, c, t, noise=noise, mask=mask)
+    torch.testing.assert_close(uneven, (err[0, :, :4].mean() + err[1, :, :1].mean()) / 2)
+    assert tiny_model.export_metadata() == {}
 
 
 def test_training_step_updates_only_unet(tiny_model):

@@ -31,8 +31,15 @@ def test_train_then_sample(tmp_path):
     def run(out, seed):
         scfg = compose_config(
             "sample",
-            ["model=tiny", f"ckpt={ckpt}", "n_samples=3", "batch_size=2", "sampler.steps=3",
-             f"seed={seed}", "model.ckpt=null"],
+            [
+                "model=tiny",
+                f"ckpt={ckpt}",
+                "n_samples=3",
+                "batch_size=2",
+                "sampler.steps=3",
+                f"seed={seed}",
+                "model.ckpt=null",
+            ],
             out,
         )
         return sample.run(scfg)
@@ -53,8 +60,13 @@ def test_train_on_image_folder(tmp_path):
     folder = SHARED / "data" / "dreambooth" / "dog"
     if not folder.exists():
         pytest.skip("shared dreambooth data missing")
-    overrides = [*FAST, "data=folder", f"data.train.root={folder}",
-                 "data.train.caption=a photo of a dog", "callbacks.log_samples=null"]
+    overrides = [
+        *FAST,
+        "data=folder",
+        f"data.train.root={folder}",
+        "data.train.caption=a photo of a dog",
+        "callbacks.log_samples=null",
+    ]
     cfg = compose_config("train", overrides, tmp_path)
     assert np.isfinite(train(cfg)["train/loss"])
 
@@ -84,8 +96,16 @@ def test_cli_main_and_sample(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = tmp_path / "train" / "checkpoints" / "last.safetensors"
     assert ckpt.exists()
-    cmd = [sys.executable, "sample.py", "model=tiny", f"ckpt={ckpt}", "n_samples=2",
-           "sampler.steps=2", 'prompt="a blue square"', f"hydra.run.dir={tmp_path}/sample"]
+    cmd = [
+        sys.executable,
+        "sample.py",
+        "model=tiny",
+        f"ckpt={ckpt}",
+        "n_samples=2",
+        "sampler.steps=2",
+        'prompt="a blue square"',
+        f"hydra.run.dir={tmp_path}/sample",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "sample" / "grid.png").exists()

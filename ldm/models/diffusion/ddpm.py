@@ -5,7 +5,8 @@ State-dict keys equal the original checkpoints' (``model.diffusion_model.*``,
 ``sd-v1-4.ckpt`` and ``v1-5-pruned-emaonly.safetensors`` load without conversion.
 
 Variants override only the small methods below: ``trainable_parameters``, ``install_hooks``,
-``extra_losses``, ``conditioning`` and ``batch_mask``; never copy a body from here.
+``extra_losses``, ``conditioning``, ``batch_mask`` and ``export_state_dict`` /
+``export_metadata``; never copy a body from here.
 """
 
 from __future__ import annotations
@@ -187,6 +188,10 @@ class LatentDiffusion(pl.LightningModule):
         """A (B, 1, h, w) loss mask in latent space, or None for the plain mean."""
         return None
 
+    def export_metadata(self) -> dict[str, str]:
+        """String metadata saved next to :meth:`export_state_dict` (safetensors header)."""
+        return {}
+
     # ------------------------------------------------- CompVis method names
     @torch.no_grad()
     def encode_first_stage(self, x: Tensor):
@@ -226,7 +231,9 @@ class LatentDiffusion(pl.LightningModule):
         noise: Tensor | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Epsilon MSE; with a mask, the masked squared error is normalised by the mask area."""
+        """Epsilon MSE; with a (B, 1, h, w) mask, each sample's masked squared error is normalised
+        by its own mask area before the batch mean (as Custom Diffusion does), so a sample counts
+        the same whatever its area; an all-ones mask gives the plain mean."""
         noise = torch.randn_like(x0) if noise is None else noise
         eps = self.apply_model(self.q_sample(x0, t, noise), t, cond)
         err = (eps.float() - noise.float()) ** 2
@@ -234,7 +241,8 @@ class LatentDiffusion(pl.LightningModule):
             loss = err.mean()
         else:
             mask = mask.to(err.dtype).expand_as(err)
-            loss = (err * mask).sum() / mask.sum().clamp_min(1.0)
+            per_sample = (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+            loss = per_sample.mean()
         return loss, {"eps": eps, "noise": noise}
 
     def get_input(self, batch: Mapping[str, Any]) -> tuple[Tensor, list[str]]:

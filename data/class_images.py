@@ -1,0 +1,96 @@
+"""Generated regularization images ("photo of a <class>" from the base model), cached.
+
+The reference ``finetune_gen.sh`` samples 200 images with DDIM 50, eta 1, guidance 6 before
+training. :func:`generate_class_images` does that once per (base weights, prompt, count,
+sampler settings) into ``cache_dir/<key>/`` and writes the run's ``out/images.txt`` +
+``out/caption.txt`` (reference layout, pointing into the cache), so a rerun costs nothing.
+Run it from a recipe's ``prepare`` step; Hydra builds ``model`` from ``${model}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import fingerprint
+from ldm.generate import generate
+from ldm.image_io import to_pil
+from ldm.util import default_device
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(model, prompt: str, n: int, **settings: object) -> str:
+    """Identity of a generated set: base weights, prompt, count and sampler settings."""
+    spec = {"base": fingerprint(model.state_dict()), "prompt": prompt, "n": n, **settings}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{digest}-n{n}"
+
+
+def _index_files(folder: Path, paths: list[Path], prompt: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "caption.txt").write_text("\n".join([prompt] * len(paths)) + "\n")
+    # images.txt last: its presence marks a complete folder.
+    (folder / "images.txt").write_text("\n".join(str(p.resolve()) for p in paths) + "\n")
+
+
+@torch.no_grad()
+def generate_class_images(
+    model,
+    prompt: str,
+    n: int,
+    out: str | Path,
+    cache_dir: str | Path,
+    steps: int = 50,
+    eta: float = 1.0,
+    guidance_scale: float = 6.0,
+    batch_size: int = 10,
+    seed: int = 0,
+    device: str = "auto",
+) -> Path:
+    """Sample ``n`` images of ``prompt`` (image i with seed ``seed + i``), cached; returns ``out``.
+
+    ``out`` gets the reference layout (``images.txt`` + ``caption.txt``, every caption
+    ``prompt``) for ``ConceptDataset``'s ``class_data_dir``.
+    """
+    settings = {"steps": steps, "eta": eta, "guidance_scale": guidance_scale, "seed": seed}
+    key = cache_key(model, prompt, n, image_size=model.image_size, **settings)
+    folder = Path(cache_dir) / key
+    paths = [folder / "images" / f"{i:05d}.png" for i in range(n)]
+    if (folder / "images.txt").exists() and all(p.exists() for p in paths):
+        log.info("class images for %r: cached in %s", prompt, folder)
+    else:
+        log.info("generating %d class images for %r into %s", n, prompt, folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
+        (tmp / "images").mkdir()
+        dev = default_device() if device == "auto" else torch.device(device)
+        model = model.eval().to(dev)
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            batch = generate(
+                model,
+                [prompt] * b,
+                sampler="ddim",
+                steps=steps,
+                eta=eta,
+                guidance_scale=guidance_scale,
+                seed=seed + start,
+                progress=False,
+            )
+            for i, image in enumerate(to_pil(batch)):
+                image.save(tmp / "images" / f"{start + i:05d}.png")
+        _index_files(
+            tmp, [folder / "images" / p.name for p in sorted(tmp.glob("images/*"))], prompt
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    _index_files(Path(out), paths, prompt)
+    return Path(out)
