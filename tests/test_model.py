@@ -6,13 +6,9 @@ import pytest
 import torch
 
 from ldm import build_model, load_model
+from ldm.modules.diffusionmodules.schedule import DDPM_BUFFERS
 
-SD_BUFFERS = {
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-    "posterior_mean_coef1", "posterior_mean_coef2",
-}  # fmt: skip
+SD_BUFFERS = set(DDPM_BUFFERS)
 
 
 def test_sd15_keys_equal_original_layout():

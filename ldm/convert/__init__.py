@@ -20,13 +20,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ldm.convert.configs import (
-    DDPM_BUFFERS,
     DIFFUSERS_VERSION,
     SCHEDULES,
     SD_SCALE_FACTOR,
     SD_TEXT_CONFIG,
     TEXT_ARCH_KEYS,
-    ddpm_schedule_buffers,
     diffusers_configs,
     model_config_from_diffusers,
     normalize_model_config,
@@ -54,6 +52,7 @@ from ldm.convert.keys import (
     vae_diffusers_to_compvis,
     vae_key_pairs,
 )
+from ldm.modules.diffusionmodules.schedule import DDPM_BUFFERS, ddpm_schedule_buffers
 
 if TYPE_CHECKING:
     from ldm.convert.__main__ import main

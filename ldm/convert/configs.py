@@ -13,29 +13,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import OmegaConf
 
-DDPM_BUFFERS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-    "posterior_mean_coef1", "posterior_mean_coef2",
-)  # fmt: skip
+from ldm.modules.encoders.clip import SD_V1_TEXT_CONFIG
+
 DIFFUSERS_VERSION = "0.39.0"  # written into the configs we produce
 SD_SCALE_FACTOR = 0.18215
 # SD v1's text tower (openai/clip-vit-large-patch14) as in SD 1.5's text_encoder/config.json.
 SD_TEXT_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
+    **SD_V1_TEXT_CONFIG,
+    # the rest of SD 1.5's text_encoder/config.json (defaults that never change the weights)
     "layer_norm_eps": 1e-5,
-    "projection_dim": 768,
     "bos_token_id": 0,
     "eos_token_id": 2,
     "pad_token_id": 1,
@@ -337,39 +325,3 @@ def model_config_from_diffusers(
             "params": {"text_config": text_config},
         },
     }
-
-
-def ddpm_schedule_buffers(
-    linear_start: float = 1e-4,
-    linear_end: float = 2e-2,
-    timesteps: int = 1000,
-    beta_schedule: str = "linear",
-) -> dict[str, torch.Tensor]:
-    """The 12 DDPM buffers as CompVis ``register_schedule`` (v_posterior 0) makes them: float64
-    math, stored as float32. CompVis ``linear`` is linear in sqrt(beta)."""
-    if beta_schedule not in SCHEDULES:
-        raise ValueError(f"unknown beta_schedule {beta_schedule!r}")
-    if beta_schedule == "linear":
-        b = torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
-    else:
-        b = torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64)
-    b = b.numpy()
-    ac = np.cumprod(1.0 - b, axis=0)
-    prev = np.append(1.0, ac[:-1])
-    var = b * (1.0 - prev) / (1.0 - ac)
-    values = (
-        b,
-        ac,
-        prev,
-        np.sqrt(ac),
-        np.sqrt(1.0 - ac),
-        np.log(1.0 - ac),
-        np.sqrt(1.0 / ac),
-        np.sqrt(1.0 / ac - 1),
-        var,
-        np.log(np.maximum(var, 1e-20)),
-        b * np.sqrt(prev) / (1.0 - ac),
-        (1.0 - prev) * np.sqrt(1.0 - b) / (1.0 - ac),
-    )
-    named = zip(DDPM_BUFFERS, values, strict=True)
-    return {k: torch.tensor(v, dtype=torch.float32) for k, v in named}

@@ -15,14 +15,13 @@ import torch
 
 from ldm.checkpoint import summarize_keys
 from ldm.convert.configs import (
-    DDPM_BUFFERS,
     _attn_levels,
     _check_unet,
     _check_vae,
     _params,
-    ddpm_schedule_buffers,
     normalize_model_config,
 )
+from ldm.modules.diffusionmodules.schedule import DDPM_BUFFERS, ddpm_schedule_buffers
 
 log = logging.getLogger("ldm.convert")  # the package's logger name, as before the split
 

@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from ldm.modules.diffusionmodules.schedule import ddpm_schedule_buffers
 from ldm.modules.ema import LitEma
 from ldm.util import count_params, instantiate_from_config
 
@@ -33,15 +33,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 COMPVIS_IGNORED = frozenset(
     {"num_timesteps_cond", "log_every_t", "monitor", "scheduler_config", "use_ema", "ckpt_path"}
 )
-
-
-def make_beta_schedule(schedule: str, timesteps: int, linear_start: float, linear_end: float):
-    """CompVis "linear" is linear in sqrt(beta) (diffusers' ``scaled_linear``); float64 numpy."""
-    if schedule == "linear":
-        return np.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=np.float64) ** 2
-    if schedule == "linear_beta":
-        return np.linspace(linear_start, linear_end, timesteps, dtype=np.float64)
-    raise ValueError(f"unknown beta schedule {schedule!r} (use 'linear' or 'linear_beta')")
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -145,27 +136,10 @@ class LatentDiffusion(pl.LightningModule):
         self, schedule: str, timesteps: int, linear_start: float, linear_end: float
     ) -> None:
         """The twelve DDPM buffers of the original checkpoints, computed as CompVis does."""
-        betas = make_beta_schedule(schedule, timesteps, linear_start, linear_end)
-        alphas_cumprod = np.cumprod(1.0 - betas)
-        prev = np.append(1.0, alphas_cumprod[:-1])
         self.num_timesteps = timesteps
-        posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": prev,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-            "posterior_mean_coef1": betas * np.sqrt(prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
-        }
+        buffers = ddpm_schedule_buffers(linear_start, linear_end, timesteps, schedule)
         for name, value in buffers.items():
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
+            self.register_buffer(name, value)
 
     # ---------------------------------------------------------- hook points
     def install_hooks(self) -> None:
