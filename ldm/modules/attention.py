@@ -262,13 +262,15 @@ class SpatialTransformer(nn.Module):
         self.proj_out = zero_module(nn.Conv2d(inner, in_channels, 1))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        b, _, h, w = x.shape
-        x_in = x
-        x = self.proj_in(self.norm(x))
-        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, HW, C)
+        b, c, h, w = x.shape
+        # The 1x1 projections are kept as convolutions (SD's weight shapes and keys) but run as
+        # matrix products on the token layout: BLAS is faster than the 1x1-conv path on CPU and
+        # it saves two layout copies.
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
+        tokens = F.linear(tokens, self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.transformer_blocks:
-            x = block(x, context=context)
+            tokens = block(tokens, context=context)
+        tokens = F.linear(tokens, self.proj_out.weight.flatten(1), self.proj_out.bias)
         # Back to a contiguous NCHW tensor: a channels-last view here would make every later
         # convolution re-layout its weights on each call (measured: 40% slower inference on CPU).
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
-        return self.proj_out(x) + x_in
+        return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous() + x
