@@ -2,6 +2,7 @@
 
 Builds the datamodule, model, callbacks, logger and trainer from the Hydra config, fits, and
 returns ``cfg.optimized_metric`` (for sweepers). Outputs go to ``logs/<task_name>/...``.
+``resume=PATH|auto`` continues a delta-saving run (Custom Diffusion) from a saved delta.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model)
     log.info("%s: %s", type(model).__name__, model.summary())
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if cfg.get("resume"):  # a saved file, or "auto": the newest in this run's checkpoints/
+        saves = (cfg.get("callbacks") or {}).get("save_weights") or {}
+        folder = saves.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
+        callbacks.append(model.resume_callback(cfg.resume, folder))
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     out = Path(cfg.paths.output_dir)

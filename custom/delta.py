@@ -13,7 +13,9 @@ token rows ``cond_stage_model.transformer.text_model.embeddings.token_embedding.
 ``step``          optimizer steps trained
 plus method fields such as ``freeze_model``.
 
-:func:`apply_delta` refuses a delta trained on another base unless forced.
+:func:`apply_delta` refuses a delta trained on another base unless forced. It also takes the
+compressed deltas of :mod:`custom.compress` (low-rank factors of the difference from the base),
+which it expands against the model's own weights first.
 """
 
 from __future__ import annotations
@@ -39,19 +41,31 @@ class DeltaMismatchError(ValueError):
     """A delta that does not belong to the model it is applied to."""
 
 
+def make_metadata(
+    base_hash: str, tokens: Iterable[str], method: str, step: int = 0, **fields: Any
+) -> dict[str, str]:
+    """Header metadata of a delta (all strings)."""
+    return {
+        "delta_format": DELTA_FORMAT,
+        "method": method,
+        "base_hash": base_hash,
+        "tokens": json.dumps(list(tokens)),
+        "step": str(int(step)),
+        **{k: str(v) for k, v in fields.items()},
+    }
+
+
 def delta_metadata(
     model: nn.Module, keys: Iterable[str], method: str, **fields: Any
 ) -> dict[str, str]:
     """Header metadata of a delta holding ``keys`` of ``model``."""
-    step = getattr(model, "global_step", 0)
-    return {
-        "delta_format": DELTA_FORMAT,
-        "method": method,
-        "base_hash": fingerprint(model.state_dict(), exclude=keys),
-        "tokens": json.dumps(placeholder_tokens(model.cond_stage_model)),
-        "step": str(int(step)),
-        **{k: str(v) for k, v in fields.items()},
-    }
+    fields.setdefault("step", getattr(model, "global_step", 0))
+    return make_metadata(
+        fingerprint(model.state_dict(), exclude=keys),
+        placeholder_tokens(model.cond_stage_model),
+        method,
+        **fields,
+    )
 
 
 def save_delta(model: nn.Module, path: str | Path) -> Path:
@@ -90,14 +104,20 @@ def apply_delta(
         DeltaMismatchError: the delta was trained on another base (unless ``force``), its tokens
             clash with the model's, or its tensors do not fit the model.
     """
+    from custom.compress import expand, model_keys  # compress imports this module
+
     where = str(delta) if isinstance(delta, str | Path) else "delta"
     tensors, meta = load_delta(delta) if isinstance(delta, str | Path) else delta
-    found = fingerprint(model.state_dict(), exclude=tensors)
+    found = fingerprint(model.state_dict(), exclude=model_keys(tensors))
     if found != meta["base_hash"]:
         msg = f"{where}: trained on base {meta['base_hash']}, this model is {found}"
         if not force:
             raise DeltaMismatchError(f"{msg} (pass force=True, or force_delta=true to sample.py)")
         log.warning("%s; applying anyway (forced)", msg)
+    try:
+        tensors = expand(tensors, meta, model.state_dict(), force=force)
+    except DeltaMismatchError as exc:
+        raise DeltaMismatchError(f"{where}: {exc}") from None
     _add_tokens(model, json.loads(meta.get("tokens", "[]")), where)
     own = model.state_dict(keep_vars=True)
     bad = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]

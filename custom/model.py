@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -134,6 +136,11 @@ class CustomDiffusion(LatentDiffusion):
         keys = set(self.delta_parameters())
         with self.ema_scope():
             return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in keys}
+
+    def resume_callback(self, source: str, folder: str | Path) -> pl.Callback:
+        from custom.resume import ResumeFromDelta
+
+        return ResumeFromDelta(source, folder)
 
     def export_metadata(self) -> dict[str, str]:
         return delta_metadata(

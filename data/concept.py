@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.datasets import CaptionedImages
+from data.datasets import CaptionedImages, open_rgb
 from data.transforms import Sample, plain, prepare, random_rescale
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,14 @@ def _class_caption(root: Path, class_prompt: str | None) -> str | None:
     if class_prompt is None:
         raise ValueError(f"{root} has no caption.txt: set class_prompt for its images")
     return class_prompt
+
+
+def warn_if_small(path: Path, size: int, factor: int = 4) -> None:
+    """One log line for an image upscaled more than ``factor`` times (it will be blurry)."""
+    with Image.open(path) as im:
+        side = min(im.size)
+    if side * factor < size:
+        log.warning("%s: %d px upscaled %.0fx to %d px, expect blur", path, side, size / side, size)
 
 
 class ConceptDataset(Dataset):
@@ -92,6 +100,8 @@ class ConceptDataset(Dataset):
         self.rng = random.Random(seed) if seed is not None else random
         counts = len(self.targets), len(self.regs)
         log.info("concept %r: %d target, %d regularization images", instance_prompt, *counts)
+        for path, _ in self.targets:
+            warn_if_small(path, size)
 
     def __len__(self) -> int:
         if self.regs:
@@ -106,8 +116,7 @@ class ConceptDataset(Dataset):
             path, caption = self.regs[i]
         else:
             path, caption = self.targets[(i - len(self.regs)) % len(self.targets)]
-        with Image.open(path) as im:
-            image = prepare(im, self.flip_p, self.rng)
+        image = prepare(open_rgb(path), self.flip_p, self.rng)
         if self.aug and not self.is_regularization(i):
             return random_rescale(image, caption, self.size, self.rng)
         return plain(image, caption, self.size)

@@ -4,6 +4,12 @@ Two layouts are read: the reference one (``images.txt`` with one image path per 
 ``caption.txt`` with one caption per line, as Custom Diffusion's retrieval writes), and a plain
 folder of images with an optional same-named ``.txt`` caption each (or one ``caption`` for all).
 Items are ``{"image": (H, W, 3) float in [-1, 1], "caption": str}``, the CompVis convention.
+
+Bad files never stop a run: every image is decoded once when a folder is read, and one that is
+not an image, corrupt, truncated, too large for PIL's decompression-bomb limit or smaller than
+:data:`MIN_SIDE` is skipped with one logged line. :func:`open_rgb` reads the rest as 8-bit RGB
+the same way everywhere: the EXIF orientation applied, CMYK converted, 16-bit greyscale scaled
+(not clipped), and transparency composited onto white.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+MIN_SIDE = 16  # pixels: smaller images carry nothing to learn from
+# Sidecar and layout files that sit beside images and are not reported as ignored.
+TEXT_FILES = {".txt", ".json", ".csv"}
 
 
 def center_square(image: Image.Image, size: int) -> Image.Image:
@@ -28,6 +37,30 @@ def center_square(image: Image.Image, size: int) -> Image.Image:
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     return image.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB, EXIF orientation applied (see the module docstring)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        high = 65535.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 255.0
+        grey = np.asarray(image, dtype=np.float64) * (255.0 / high)
+        image = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray((np.asarray(image).clip(0, 1) * 255).round().astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB (:func:`to_rgb`), fully decoded."""
+    with Image.open(path) as im:
+        return to_rgb(im)
 
 
 def to_tensor_hwc(image: Image.Image) -> torch.Tensor:
@@ -44,20 +77,39 @@ def read_reference_layout(root: Path) -> tuple[list[Path], list[str]]:
     return paths, [c.strip() for c in captions[: len(paths)]]
 
 
-def is_readable_image(path: Path) -> bool:
-    """A decodable image file; unreadable ones are logged and skipped, never fatal."""
+def image_problem(path: Path) -> str | None:
+    """Why the file at ``path`` cannot be trained on, or None if it can."""
     try:
         with Image.open(path) as im:
-            im.verify()
-    except (OSError, UnidentifiedImageError) as err:
-        log.warning("skipping unreadable image %s (%s)", path, err)
-        return False
-    return True
+            im.load()  # a full decode: verify() passes truncated JPEGs
+            w, h = im.size
+    except Image.DecompressionBombError as err:
+        return f"too large ({err})".split(". ")[0]
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three on broken files
+        lines = str(err).strip().splitlines()
+        return f"unreadable ({lines[0] if lines else type(err).__name__})"
+    if min(w, h) < MIN_SIDE:
+        return f"too small ({w}x{h}, under {MIN_SIDE} px)"
+    return None
+
+
+def is_readable_image(path: Path) -> bool:
+    """A decodable image file; others are logged (one line) and skipped, never fatal."""
+    problem = image_problem(path)
+    if problem is not None:
+        log.warning("skipping %s: %s", path, problem)
+    return problem is None
 
 
 def scan_folder(root: Path, caption: str | None) -> tuple[list[Path], list[str]]:
-    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    paths = [p for p in paths if is_readable_image(p)]
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    ignored = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES | TEXT_FILES]
+    if ignored:
+        shown = ", ".join(ignored[:3]) + (", ..." if len(ignored) > 3 else "")
+        log.info("%s: ignoring %d files that are not images (%s)", root, len(ignored), shown)
+    paths = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and is_readable_image(p)]
     captions = []
     for p in paths:
         side = p.with_suffix(".txt")
@@ -91,11 +143,15 @@ class CaptionedImages(Dataset):
             paths, captions = read_reference_layout(self.root)
             if caption is not None:
                 captions = [caption] * len(paths)
+            listed = zip(paths, captions, strict=True)
+            self.items = [(p, c) for p, c in listed if is_readable_image(p)]
         else:
-            paths, captions = scan_folder(self.root, caption)
-        self.items = [(p, c) for p, c in zip(paths, captions, strict=True) if is_readable_image(p)]
+            self.items = list(zip(*scan_folder(self.root, caption), strict=True))
         if not self.items:
-            raise ValueError(f"no readable images in {self.root}")
+            raise ValueError(
+                f"no readable images in {self.root} (image files: "
+                f"{', '.join(sorted(IMAGE_SUFFIXES))}; unreadable ones are logged above)"
+            )
         self.size = size
         self.repeat = repeat
         self.flip_p = flip_p
@@ -105,8 +161,7 @@ class CaptionedImages(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path, caption = self.items[i % len(self.items)]
-        with Image.open(path) as im:
-            image = center_square(im.convert("RGB"), self.size)
+        image = center_square(open_rgb(path), self.size)
         if random.random() < self.flip_p:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return {"image": to_tensor_hwc(image), "caption": caption}

@@ -19,7 +19,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,16 +188,21 @@ def save_state_dict(
     bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise TypeError(f"metadata keys and values must be strings; not: {bad[:5]}")
+    if suffix == SAFETENSORS_SUFFIX:
+        _write_atomically(path, lambda tmp: save_file(_for_safetensors(sd), tmp, metadata=meta))
+    else:
+        extra = {"metadata": meta} if metadata else {}
+        save_pickle({"state_dict": dict(sd), **extra}, path)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        if suffix == SAFETENSORS_SUFFIX:
-            save_file(_for_safetensors(sd), tmp, metadata=meta)
-        else:
-            extra = {"metadata": meta} if metadata else {}
-            torch.save({"state_dict": dict(sd), **extra}, tmp)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -205,6 +210,30 @@ def save_state_dict(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_pickle(obj: Any, path: str | Path) -> None:
+    """``torch.save`` of tensors in plain containers, written atomically (as
+    :func:`save_state_dict`), for formats that nest dicts (e.g. other tools' delta files)."""
+    path = Path(path)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: a pickle needs one of the suffixes {PICKLE_SUFFIXES}")
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_pickle(path: str | Path) -> Any:
+    """The whole object of a pickle checkpoint (nested dicts, Lightning training state), read as
+    safely as :func:`load_state_dict` reads it: tensors and plain containers only.
+
+    Raises:
+        FileNotFoundError, ValueError, UnsafeCheckpointError: as :func:`load_state_dict`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: not a pickle checkpoint (expected {', '.join(PICKLE_SUFFIXES)})")
+    return _torch_load(path)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -162,6 +162,10 @@ class LatentDiffusion(pl.LightningModule):
         """A (B, 1, h, w) loss mask in latent space, or None for the plain mean."""
         return None
 
+    def resume_callback(self, source: str, folder: str | Path) -> pl.Callback:
+        """A callback that restores what :meth:`export_state_dict` saved (``resume=``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume from saved weights yet")
+
     def export_metadata(self) -> dict[str, str]:
         """String metadata saved next to :meth:`export_state_dict` (safetensors header)."""
         return {}
