@@ -43,8 +43,14 @@ def test_toy_base_draws_colours_and_shapes():
     asks = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "ring")]
     hits_colour = hits_shape = total = 0
     for colour, shape in asks:
-        images = generate(model, [f"a photo of a {colour} {shape}"] * 4, steps=30,
-                          guidance_scale=5.0, seed=0, progress=False)
+        images = generate(
+            model,
+            [f"a photo of a {colour} {shape}"] * 4,
+            steps=30,
+            guidance_scale=5.0,
+            seed=0,
+            progress=False,
+        )
         for found in judge.objects(images * 2 - 1):
             hits_colour += any(c == colour for c, _ in found)
             hits_shape += any(s == shape for _, s in found)
