@@ -2,6 +2,8 @@
 
 ``delta`` (a Custom Diffusion ``.safetensors`` delta) adds its tokens and weights to the base
 first; one trained on another base is refused unless ``force_delta=true``.
+``attend_excite.enabled=true attend_excite.words=[cat,dog]`` (or ``sampler=attend_excite``) adds
+the Attend-and-Excite step hook and writes ``attend_excite_<seed>.json`` / ``.png`` per image.
 
 Writes one PNG per image (``<seed>.png``) and ``grid.png`` into the run folder under ``logs/``.
 """
@@ -19,6 +21,8 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from attend_excite import from_config as ae_hook  # noqa: E402
+from attend_excite import save_outputs  # noqa: E402
 from ldm import load_model  # noqa: E402
 from ldm.generate import generate  # noqa: E402
 from ldm.image_io import make_grid, to_pil  # noqa: E402
@@ -43,6 +47,7 @@ def run(cfg: DictConfig) -> list[Path]:
     paths, images = [], []
     for start in range(0, cfg.n_samples, cfg.batch_size):
         n = min(cfg.batch_size, cfg.n_samples - start)
+        ae = ae_hook(model, [cfg.prompt] * n, cfg.attend_excite) if "attend_excite" in cfg else None
         batch = generate(
             model,
             [cfg.prompt] * n,
@@ -52,12 +57,17 @@ def run(cfg: DictConfig) -> list[Path]:
             eta=cfg.sampler.eta,
             guidance_scale=cfg.guidance_scale,
             seed=cfg.seed + start,
+            step_hooks=[ae] if ae is not None else [],
         )
         for i, image in enumerate(to_pil(batch)):
             path = outdir / f"{cfg.seed + start + i:05d}.png"
             image.save(path)
             paths.append(path)
             images.append(image)
+        if ae is not None:
+            names = [p.name for p in paths[-n:]]
+            stems = [f"attend_excite_{p.stem}" for p in paths[-n:]]
+            save_outputs(ae, outdir, stems, images[-n:], cfg.attend_excite.figure, image=names)
     make_grid(images).save(outdir / "grid.png")
     OmegaConf.save(cfg, outdir / "sample_config.yaml")
     log.info("wrote %d images and grid.png to %s", len(paths), outdir)
