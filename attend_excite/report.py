@@ -1,8 +1,9 @@
 """What A&E saves beside each image: the per-step record (JSON) and an attention-map figure (PNG).
 
 The figure is drawn with PIL only: one row per shown step, the image then one panel per chosen
-token, each the token's smoothed attention map (absolute scale: 0 black, >= 1 white-hot) over the
-image, labelled with its maximum. It shows whether every subject got a strongly attended patch.
+token, each the token's smoothed attention map over the image, labelled with its maximum. One colour
+scale serves the whole figure (black 0, white-hot its largest value, printed in the corner), so
+tokens and steps compare: it shows whether every subject got a strongly attended patch.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def attention_figure(
     fig = Image.new("RGB", (side + cols * cell, head + len(steps) * (cell + head)), "white")
     draw = ImageDraw.Draw(fig)
     base = image.convert("RGB").resize((cell, cell), Image.BICUBIC)
+    top = max(float(maps[s].max()) for s in steps) or 1.0
+    draw.text((2, 1), f"0-{top:.2f}", fill="black", font=font)
     for c, text in enumerate(["image", *labels]):
         draw.text((side + c * cell + 4, 1), text[:14], fill="black", font=font)
     for r, step in enumerate(steps):
@@ -78,9 +81,11 @@ def attention_figure(
         fig.paste(base, (side, y))
         token_maps = maps[step].float().numpy()
         for k in range(len(labels)):
-            heat = Image.fromarray(colorize(token_maps[k])).resize((cell, cell), Image.BILINEAR)
+            heat = Image.fromarray(colorize(token_maps[k] / top)).resize(
+                (cell, cell), Image.BILINEAR
+            )
             x0 = side + (k + 1) * cell
-            fig.paste(Image.blend(base, heat, 0.7), (x0, y))
+            fig.paste(Image.blend(base, heat, 0.75), (x0, y))
             draw.text(
                 (x0 + 4, y + cell + 1), f"max {token_maps[k].max():.2f}", fill="black", font=font
             )
