@@ -80,7 +80,11 @@ def overrides(tmp_path, base, batch_size: int) -> list[str]:
     here = "tests.test_custom_ddp"
     return [
         "model=tiny", f"model.ckpt={base}", f"model._target_={here}.SampleSeededCustomDiffusion",
-        "model.learning_rate=1e-3", f"data.train._target_={here}.indexed_concepts",
+        # plain SGD: Adam's first steps are ~lr x sign(g), which turns the last-bit differences
+        # of two gradient reductions into full-size steps wherever |g| is near its eps
+        "model.optimizer._target_=torch.optim.SGD", "~model.optimizer.betas",
+        "~model.optimizer.eps", "model.learning_rate=1.0",
+        f"data.train._target_={here}.indexed_concepts",
         f"data._target_={here}.GlobalOrderDataModule", f"data.batch_size={batch_size}",
         f"data.train.concepts.0.instance_data_dir={tmp_path / 'concept'}", "data.train.aug=false",
         "data.train.flip_p=0",
@@ -118,8 +122,8 @@ def test_two_process_ddp_delta_equals_single_process(tmp_path):
     start[ROWS] = start[TABLE][INIT_IDS[0]]  # the token row's initialisation
     rel = {}
     for key in single:
-        moved = float((single[key] - start[key]).abs().max())
-        rel[key] = float((single[key] - multi[key]).abs().max()) / moved
-    # Adam's first steps are ~lr x sign(g): entries with |g| near eps amplify the last-bit
-    # differences of the two reductions; measured 2e-4.
-    assert max(rel.values()) < 1e-3, rel
+        moved = float((single[key] - start[key]).norm())
+        assert moved > 0, key
+        rel[key] = float((single[key] - multi[key]).norm()) / moved
+    # float32 reductions in a different order: measured 1.3e-6
+    assert max(rel.values()) < 1e-4, rel
