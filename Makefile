@@ -1,4 +1,4 @@
-.PHONY: setup test test-all lint format
+.PHONY: setup test test-all lint format toy-compare
 
 setup:
 	python -m pip install -r requirements-dev.txt
@@ -14,3 +14,6 @@ lint:
 
 format:
 	ruff format . && ruff check --fix .
+
+toy-compare:  # train CD no-reg / gen-reg / folder-reg, CrossInit, CD+CR on one toy concept; compare
+	python bench/toy_compare.py

@@ -21,7 +21,13 @@ the images (both-object rate 0.78 -> 0.16); 2.5 was the best of 1.5-10 on prompt
 the gain does not hold beyond the tuning prompts: on 20 prompts x 8 seeds, tuned or held out
 (``--first 20``), A&E stays within 2 points of plain (more shapes, slightly worse colour binding).
 
+With ``--delta D --concept NAME`` (a Custom Diffusion delta trained on the toy concept NAME), the
+prompts put the concept beside a second object, "a <new1> triangle and a blue square", the words
+excited are ``<new1>`` and the second shape, and "both" means the judge finds the concept and the
+second object.
+
     python bench/toy_attend_excite.py [--ckpt PATH] [--prompts 20] [--seeds 8] [--first 0]
+    python bench/toy_attend_excite.py --delta logs/.../last.safetensors --concept dotted_triangle
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from ldm import load_model  # noqa: E402
 from ldm.generate import generate  # noqa: E402
 from ldm.image_io import make_grid, to_pil  # noqa: E402
 from toyworld import COLOURS, SHAPES  # noqa: E402
+from toyworld.concepts import CONCEPTS  # noqa: E402
 from toyworld.judge import Judge  # noqa: E402
 
 GUIDANCE = 5.0  # the toy base's shipped guidance scale (model card)
@@ -67,14 +74,32 @@ def pair_prompts(n: int, first: int = 0) -> list[tuple[Obj, Obj]]:
     return out
 
 
+def concept_prompts(n: int, concept: str, token: str) -> list[tuple[Obj, Obj]]:
+    """``n`` pairs (the concept as ``(token, class word)``, a second object of another shape)."""
+    own = CONCEPTS[concept].class_word
+    others = [(c, s) for s in SHAPES if s != own for c in COLOURS]
+    step = max(len(others) // n, 1)
+    return [((token, own), others[(k * step) % len(others)]) for k in range(n)]
+
+
 def text(a: Obj, b: Obj) -> str:
     art = lambda w: "an" if w[0] in "aeiou" else "a"  # noqa: E731
     return f"{art(a[0])} {a[0]} {a[1]} and {art(b[0])} {b[0]} {b[1]}"
 
 
-def score(found: list[set[Obj]], truth: list[tuple[Obj, Obj]]) -> dict[str, float]:
+def score(
+    found: list[set[Obj]], truth: list[tuple[Obj, Obj]], concept: list[bool] | None = None
+) -> dict[str, float]:
+    """Rates over images; with ``concept`` (the judge's verdict per image) the first object of
+    each pair is the concept: it counts as present when the judge finds the concept."""
     both = shapes = seen = bound = 0
-    for objs, pair in zip(found, truth, strict=True):
+    for i, (objs, pair) in enumerate(zip(found, truth, strict=True)):
+        if concept is not None:
+            both += concept[i] and pair[1] in objs
+            shapes += concept[i] and pair[1][1] in {s for _, s in objs}
+            seen += any(s == pair[1][1] for _, s in objs)
+            bound += pair[1] in objs
+            continue
         both += all(o in objs for o in pair)
         present = {s for _, s in objs}
         shapes += all(s in present for _, s in pair)
@@ -123,6 +148,9 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--kernel-size", type=int, default=3, help="1 or less: no smoothing")
     parser.add_argument("--normalize-eot", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--delta", default=None, help="a Custom Diffusion delta to apply")
+    parser.add_argument("--concept", default=None, choices=sorted(CONCEPTS),
+                        help="with --delta: the toy concept it was trained on")  # fmt: skip
     parser.add_argument("--grid", default=str(ROOT / "logs" / "toy_attend_excite_grid.png"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -130,7 +158,15 @@ def main() -> None:
 
     model = load_model(args.ckpt, config="toy") if args.ckpt else load_model(None, "toy")
     judge = Judge.load()
-    pairs = pair_prompts(args.prompts, args.first)
+    if bool(args.delta) != bool(args.concept):
+        parser.error("--delta and --concept go together")
+    if args.delta:
+        from custom.delta import apply_delta
+
+        token = json.loads(apply_delta(model, args.delta)["tokens"])[0]
+        pairs = concept_prompts(args.prompts, args.concept, token)
+    else:
+        pairs = pair_prompts(args.prompts, args.first)
     settings = ae_settings(args)
     plain, excited, losses = [], [], []
     t_plain = t_ae = 0.0
@@ -141,14 +177,19 @@ def main() -> None:
         plain.append(generate(model, prompts, **kw))
         t_plain += time.perf_counter() - start
         words = [a[1], b[1]] + ([a[0], b[0]] if args.words == "shapes+colours" else [])
+        if args.concept:
+            words = [a[0], b[1]]  # the concept's token and the second shape
         hook = AttendExcite.for_prompts(model, prompts, words=words, **settings)
         start = time.perf_counter()
         excited.append(generate(model, prompts, step_hooks=[hook], **kw))
         t_ae += time.perf_counter() - start
         losses += [h[-1]["loss"] for h in hook.history]
     truth = [p for p in pairs for _ in range(args.seeds)]
-    s_plain = score(judge.objects(torch.cat(plain) * 2 - 1), truth)
-    s_ae = score(judge.objects(torch.cat(excited) * 2 - 1), truth)
+    verdicts = {}
+    for name, images in (("plain", torch.cat(plain) * 2 - 1), ("ae", torch.cat(excited) * 2 - 1)):
+        has = judge.has_concept(images, args.concept).tolist() if args.concept else None
+        verdicts[name] = score(judge.objects(images), truth, has)
+    s_plain, s_ae = verdicts["plain"], verdicts["ae"]
 
     rows = [torch.cat([plain[k][:4], excited[k][:4]]) for k in range(min(8, len(pairs)))]
     grid = Path(args.grid)
@@ -168,6 +209,8 @@ def main() -> None:
         "n_images": len(truth),
         "ckpt": args.ckpt or "models/toy/toy_base.safetensors",
         "words": args.words,
+        "delta": args.delta,
+        "concept": args.concept,
         "first_prompt": args.first,
         "settings": settings,
         "grid": str(grid),

@@ -1,10 +1,14 @@
-"""Generated regularization images ("photo of a <class>" from the base model), cached.
+"""Regularization images for a recipe's ``prepare`` step, cached: generated or retrieved.
 
 The reference ``finetune_gen.sh`` samples 200 images with DDIM 50, eta 1, guidance 6 before
 training. :func:`generate_class_images` does that once per (base weights, prompt, count,
 sampler settings) into ``cache_dir/<key>/`` and writes the run's ``out/images.txt`` +
 ``out/caption.txt`` (reference layout, pointing into the cache), so a rerun costs nothing.
-Run it from a recipe's ``prepare`` step; Hydra builds ``model`` from ``${model}``.
+Hydra builds ``model`` from ``${model}``.
+
+``finetune_real.sh`` retrieves 200 real images with their captions instead;
+:func:`retrieve_class_images` does that once per (class prompt, backend) with
+:mod:`data.retrieve` and lists them in ``out`` the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -94,3 +99,41 @@ def generate_class_images(
         os.replace(tmp, folder)
     _index_files(Path(out), paths, prompt)
     return Path(out)
+
+
+def retrieve_class_images(
+    class_prompt: str,
+    n: int,
+    out: str | Path,
+    cache_dir: str | Path,
+    backend_url: str | None = None,
+    indice_name: str | None = None,
+    aesthetic_score: int | None = 9,
+    aesthetic_weight: float | None = 0.1,
+    deduplicate: bool = True,
+    **options: object,
+) -> Path:
+    """``n`` real images of ``class_prompt`` from a clip-retrieval backend, cached; returns out.
+
+    They are retrieved into ``cache_dir/<prompt>-<backend key>/`` when that folder holds fewer
+    than ``n`` (the backend is not contacted otherwise); ``out`` then lists the first ``n`` with
+    their own captions. ``options`` go to :func:`data.retrieve.retrieve` (``timeout``,
+    ``retries``, ``max_bytes``, ``min_side``, ``workers``).
+    """
+    from data.retrieve import ALTERNATIVES, KnnClient, RetrievalError, retrieve
+
+    client = KnnClient(backend_url or KnnClient.url, indice_name, aesthetic_score,
+                       aesthetic_weight, deduplicate=deduplicate)  # fmt: skip
+    backend = hashlib.sha256(json.dumps([client.url, indice_name]).encode()).hexdigest()[:8]
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", class_prompt).strip("_") or "class"
+    folder = Path(cache_dir) / f"{slug}-{backend}"
+    rows = retrieve(class_prompt, n, folder, client, progress=False, **options)[:n]
+    if not rows:
+        raise RetrievalError(f"no images for {class_prompt!r} from {client.url}; {ALTERNATIVES}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "caption.txt").write_text("".join(f"{r.caption}\n" for r in rows))
+    (out / "urls.txt").write_text("".join(f"{r.url}\n" for r in rows))
+    (out / "images.txt").write_text("".join(f"{r.path}\n" for r in rows))
+    log.info("%d retrieved class images for %r listed in %s", len(rows), class_prompt, out)
+    return out

@@ -67,11 +67,22 @@ def to_tensor_hwc(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
 
 
+def resolve_listed(root: Path, line: str) -> Path:
+    """The file an ``images.txt`` line names: absolute, under ``root``, relative to the working
+    directory (the original retrieval scripts write ``<outpath>/images/0.jpg``), or, for a moved
+    folder, ``root/<its folder>/<name>``; the first that exists (else ``root/line``)."""
+    path = Path(line.strip())
+    if path.is_absolute() and path.exists():
+        return path
+    candidates = [root / path, path, root / path.parent.name / path.name]
+    return next((p for p in candidates if p.exists()), candidates[0])
+
+
 def read_reference_layout(root: Path) -> tuple[list[Path], list[str]]:
-    """``images.txt`` + ``caption.txt`` -> (paths, captions); relative paths are under ``root``."""
+    """``images.txt`` + ``caption.txt`` -> (paths, captions), paths by :func:`resolve_listed`."""
     lines = (root / "images.txt").read_text().splitlines()
     captions = (root / "caption.txt").read_text().splitlines()
-    paths = [Path(p) if Path(p).is_absolute() else root / p for p in lines if p.strip()]
+    paths = [resolve_listed(root, p) for p in lines if p.strip()]
     if len(captions) < len(paths):
         raise ValueError(f"{root}: {len(paths)} images but only {len(captions)} captions")
     return paths, [c.strip() for c in captions[: len(paths)]]

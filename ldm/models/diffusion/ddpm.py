@@ -145,8 +145,11 @@ class LatentDiffusion(pl.LightningModule):
     def install_hooks(self) -> None:
         """Called at the end of ``__init__``: variants install processors or hooks here."""
 
-    def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        """What the optimizer trains: the UNet, plus the text encoder when it is trainable."""
+    def trainable_parameters(self) -> Iterable[nn.Parameter | dict[str, Any]]:
+        """What the optimizer trains: the UNet, plus the text encoder when it is trainable.
+
+        Variants may also return parameter groups, ``{"params": [...], "lr": base_lr}``: their
+        ``lr`` is a base rate, scaled by :meth:`lr_factor` like ``learning_rate``."""
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
             params += list(self.cond_stage_model.parameters())
@@ -289,26 +292,50 @@ class LatentDiffusion(pl.LightningModule):
         return self
 
     # ----------------------------------------------------------- optimiser
-    def effective_learning_rate(self) -> float:
+    def lr_factor(self) -> float:
+        """batch x devices x accumulation with ``scale_lr``, else 1."""
         if not self.scale_lr:
-            return self.learning_rate
+            return 1.0
         trainer = self.trainer
         batch = getattr(trainer.datamodule, "batch_size", 1) if trainer.datamodule else 1
-        factor = batch * trainer.world_size * trainer.accumulate_grad_batches
-        return self.learning_rate * factor
+        return float(batch * trainer.world_size * trainer.accumulate_grad_batches)
+
+    def effective_learning_rate(self) -> float:
+        return self.learning_rate * self.lr_factor()
+
+    def param_groups(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """:meth:`trainable_parameters` with gradients, as a plain list or, when a variant
+        returns groups, as groups with effective rates."""
+        items = list(self.trainable_parameters())
+        plain = [p for p in items if isinstance(p, nn.Parameter) and p.requires_grad]
+        dicts = [g for g in items if isinstance(g, Mapping)]
+        if not dicts:
+            return plain
+        factor = self.lr_factor()
+        groups = [{"params": plain}] if plain else []
+        for g in dicts:
+            params = [p for p in g["params"] if p.requires_grad]
+            lr = g.get("lr", self.learning_rate) * factor
+            groups.append({**g, "params": params, "lr": lr})
+        return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.trainable_parameters() if p.requires_grad]
+        params = self.param_groups()
         lr = self.effective_learning_rate()
+        tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
         log.info(
             "effective lr %.3g (base %.3g, scale_lr=%s); %s trainable parameters",
             lr,
             self.learning_rate,
             self.scale_lr,
-            f"{sum(p.numel() for p in params):,}",
+            f"{sum(p.numel() for p in tensors):,}",
         )
+        group_lrs = {f"effective_lr_group{i}": g["lr"] for i, g in enumerate(params)
+                     if isinstance(g, dict) and "lr" in g}  # fmt: skip
+        for name, value in group_lrs.items():
+            log.info("%s %.3g", name, value)
         if self.logger is not None:
-            self.logger.log_hyperparams({"effective_lr": lr})
+            self.logger.log_hyperparams({"effective_lr": lr, **group_lrs})
         factory = self.optimizer_factory or torch.optim.AdamW
         opt = factory(params, lr=lr)
         if self.lr_scheduler_factory is None:

@@ -1,0 +1,1 @@
+"""Tests (a regular package: a dependency, autofaiss, installs a top-level `tests` package)."""

@@ -1,0 +1,165 @@
+"""toyworld.metrics and the ToyConceptEval callback: prompts, rates, seeding, judge plumbing
+(tiny random model, seconds); the slow test trains Custom Diffusion on the toy base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import compose_config
+from toyworld import metrics
+from toyworld.concepts import CONCEPTS, concept_images
+from toyworld.judge import Judge
+from toyworld.world import ObjectSpec, render_scene
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return Judge.load()
+
+
+def fake_samples(objects, concepts, seeds):
+    n = len(objects)
+    return metrics.Samples(["p"] * n, torch.zeros(n, 3, 32, 32), objects, concepts, seeds)
+
+
+def test_prompts():
+    assert metrics.concept_prompts("twotone_square", "<new1>") == [
+        "a photo of a <new1> square",
+        "a <new1> square",
+    ]
+    assert metrics.concept_prompts("outlined_triangle", None) == [
+        "a photo of a triangle",
+        "a triangle",
+    ]
+    pairs = metrics.alignment_prompts("twotone_square", "<new1>", n_objects=3, n_colours=2)
+    assert len(pairs) == 5
+    own = {"blue", "orange"}
+    for prompt, (colour, shape) in pairs[:3]:
+        assert prompt.startswith("a photo of a <new1> square and ")
+        assert prompt.endswith(f"{colour} {shape}") and shape != "square" and colour not in own
+    for prompt, (colour, shape) in pairs[3:]:
+        assert prompt == f"a photo of {'an' if colour[0] in 'aeiou' else 'a'} {colour} <new1> square"
+        assert shape == "square" and colour not in own
+    with pytest.raises(KeyError, match="unknown concept"):
+        metrics.concept_prompts("blue_dog", "<new1>")
+
+
+def test_rates_count_per_image():
+    s = fake_samples(
+        objects=[{("red", "circle")}, set(), {("red", "circle"), ("blue", "square")}, set()],
+        concepts=[{"twotone_square"}, set(), {"twotone_square"}, {"outlined_triangle"}],
+        seeds=2,
+    )
+    assert metrics.concept_rate(s, "twotone_square") == 0.5
+    assert metrics.concept_rate(s, "outlined_triangle") == 0.25
+    # prompt 0 (images 0, 1) expects a red circle, prompt 1 (images 2, 3) a blue square
+    assert metrics.object_rate(s, [("red", "circle"), ("blue", "square")]) == 0.5
+    assert metrics.object_rate(s, [("blue", "square"), ("red", "circle")]) == 0.25
+    assert metrics.joint_rate(s, "twotone_square", [("red", "circle"), ("blue", "square")]) == 0.5
+    with pytest.raises(ValueError, match="expected objects"):
+        metrics.object_rate(s, [("red", "circle")])
+    with pytest.raises(KeyError):
+        metrics.concept_rate(s, "nope")
+
+
+def test_judge_samples_on_rendered_images(judge):
+    """The plumbing from [0, 1] images to judged sets: drawn concepts and objects are found."""
+    concept = torch.stack([torch.from_numpy(__import__("numpy").asarray(im)) for im in
+                           concept_images("twotone_square", 4, seed=3)]).permute(0, 3, 1, 2)  # fmt: skip
+    circle = render_scene([ObjectSpec("circle", "red", size=0.6)], 32, (240, 240, 240))
+    plain = torch.from_numpy(__import__("numpy").asarray(circle)).permute(2, 0, 1)[None]
+    images = torch.cat([concept, plain.expand(4, -1, -1, -1)]).float() / 255
+    s = metrics.judge_samples(judge, ["a", "b"], images, seeds=4)
+    assert len(s) == 8 and s.prompts == ["a"] * 4 + ["b"] * 4
+    assert metrics.concept_rate(s, "twotone_square") == 0.5
+    assert metrics.object_rate(s, [("blue", "square"), ("red", "circle")]) == 1.0
+    with pytest.raises(ValueError, match="images for"):
+        metrics.judge_samples(judge, ["a"], images, seeds=4)
+
+
+def test_sample_is_seeded_per_prompt_and_image(tiny_ldm):
+    kw = {"steps": 2, "guidance_scale": 2.0}
+    both = metrics.sample(tiny_ldm, ["a red circle", "a blue square"], 2, **kw)
+    alone = metrics.sample(tiny_ldm, ["a blue square"], 2, **kw)
+    assert both.shape == (4, 3, 32, 32) and 0 <= both.min() and both.max() <= 1
+    assert torch.allclose(both[2:], alone, atol=1e-5)  # independent of the other prompts
+    assert not torch.allclose(alone[0], alone[1])  # seeds differ within a prompt
+    other = metrics.sample(tiny_ldm, ["a blue square"], 2, seed=7, **kw)
+    assert not torch.allclose(alone, other)
+    with pytest.raises(ValueError):
+        metrics.sample(tiny_ldm, [], 2)
+
+
+def test_evaluate_concept_report(tiny_ldm, judge):
+    report = metrics.evaluate_concept(tiny_ldm, judge, "twotone_square", None, seeds=1, steps=2)
+    assert set(report.rates) == {
+        "concept_rate", "class_concept_rate", "text_align_rate", "text_align_concept_rate",
+    }  # fmt: skip
+    assert all(0.0 <= v <= 1.0 for v in report.rates.values())
+    assert [len(s) for s in report.samples.values()] == [2, 2, 6]
+    grid = report.grid()
+    assert grid.size == (36, 10 * 34 + 2)  # 10 prompts x 1 seed of 32 px, 2 px padding
+    with pytest.raises(ValueError, match="families"):
+        metrics.evaluate_concept(tiny_ldm, judge, "twotone_square", None, families=("x",))
+
+
+def test_callback_writes_metrics_or_skips(tiny_ldm, tmp_path):
+    from toyworld.callback import ToyConceptEval
+
+    class Trainer:
+        global_rank, global_step = 0, 3
+        callback_metrics: dict = {}
+
+    cb = ToyConceptEval(tmp_path, [{"name": "twotone_square", "token": None}], seeds=1, steps=2,
+                        families=("concept",))  # fmt: skip
+    cb.on_fit_start(Trainer, tiny_ldm)
+    cb.on_train_end(Trainer, tiny_ldm)
+    out = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(out["twotone_square"]) == {"concept_rate", "base_concept_rate"}
+    assert out["step"] == 3 and "toy/twotone_square/concept_rate" in Trainer.callback_metrics
+    assert (tmp_path / "eval_grid.png").exists()
+    assert not ToyConceptEval(tmp_path, [{"name": "twotone_square"}], resolution=512).enabled
+    assert not ToyConceptEval(tmp_path, [{"name": None}]).enabled
+    assert not ToyConceptEval(tmp_path, [{"name": "my_dog"}]).enabled
+
+
+def test_recipes_enable_the_toy_evaluation(tmp_path):
+    from hydra.utils import instantiate
+
+    for recipe in ("finetune_noreg", "finetune_real", "finetune_gen", "finetune_joint"):
+        cfg = compose_config(recipe, [], tmp_path)
+        cb = instantiate(cfg.callbacks.toy_eval)
+        assert cb.enabled and all(c["name"] in CONCEPTS for c in cb.concepts), recipe
+        own = compose_config(recipe, ["prepare=null", "resolution=512"], tmp_path)
+        assert not instantiate(own.callbacks.toy_eval).enabled
+
+
+@pytest.mark.slow
+def test_custom_diffusion_learns_a_toy_concept(tmp_path):
+    """A reduced bench/toy_custom.py: after finetune_real the token draws the concept far more
+    often than the plain class word does on the base."""
+    from custom.delta import apply_delta
+    from ldm import load_model
+    from main import train
+
+    torch.set_num_threads(2)
+    cfg = compose_config(
+        "finetune_real",
+        ["trainer.max_steps=250", "callbacks.log_samples=null", "callbacks.toy_eval=null",
+         "logger=null", "+trainer.enable_progress_bar=false"],
+        tmp_path,
+    )  # fmt: skip
+    name = cfg.prepare.concept.name
+    train(cfg)
+    judge = Judge.load()
+    base = load_model(None, "toy")
+    base_rate = metrics.evaluate_concept(base, judge, name, None, 4, ("class",)).rates
+    model = load_model(None, "toy")
+    apply_delta(model, tmp_path / "checkpoints" / "last.safetensors")
+    rates = metrics.evaluate_concept(model, judge, name, "<new1>", 4, ("concept",)).rates
+    assert rates["concept_rate"] >= 0.6
+    assert rates["concept_rate"] >= base_rate["class_concept_rate"] + 0.5
+    assert CONCEPTS[name].class_word in cfg.data.train.concepts[0].instance_prompt
