@@ -81,7 +81,7 @@ def class_word_of(run: Path | None) -> str | None:
 
 
 def delta_label(path: Path, run: Path | None) -> str:
-    """"Custom Diffusion (no regularization) · dotted_triangle · 11-26 04:38 · final"."""
+    """ "Custom Diffusion (no regularization) · dotted_triangle · 11-26 04:38 · final"."""
     if run is None:
         return "/".join(path.parts[-3:]) if path.parent.name == "checkpoints" else path.name
     m = re.match(r"(\d{4})-(\d\d)-(\d\d)_(\d\d)-(\d\d)", run.name)

@@ -216,6 +216,8 @@ class SampleService:
             model, merged = self.model_for(infos, classes)
         except DeltaMismatchError as exc:
             text = str(exc).split(" (pass force")[0]
+            for d in infos:
+                text = text.replace(str(d.path), d.label)
             raise InputError(
                 f"A delta does not fit this base model, so it was not applied: {text}. Sample it "
                 "with the base it was trained on."

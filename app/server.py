@@ -20,7 +20,14 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from app import deltas as dl
 from app import jobs, uploads
-from app.methods import InputError, TrainRequest, check_class_word, check_numbers, command
+from app.methods import (
+    InputError,
+    TrainRequest,
+    check_class_word,
+    check_numbers,
+    command,
+    sample_prompts,
+)
 from app.sampling import Base, SampleService
 
 log = logging.getLogger(__name__)
@@ -133,7 +140,8 @@ class App:
         argv = command(req)
         info = {"method": method.recipe, "label": method.label, "class_word": word,
                 "concept": concept, "steps": steps, "lr": lr, "token": method.token,
-                "prompt": method.prompt.format(token=method.token, class_word=word)}  # fmt: skip
+                "prompt": method.prompt.format(token=method.token, class_word=word),
+                "sample_prompts": sample_prompts(method, word)}  # fmt: skip
         try:
             self.jobs.start("train", run, argv, info)
         except RuntimeError as exc:

@@ -10,11 +10,12 @@ generated regularization (``finetune_gen``), with a folder of real captioned ima
 analogues ``finetune_crossinit_toy``, ``finetune_cd_cr_toy``); a set-up whose recipe does not
 exist is skipped and listed.
 
-Outputs under ``--out`` (default ``logs/toy_compare``): one run folder per set-up (reused when its
-weights exist), ``comparison/comparison.{md,html,json}``, ``comparison/alignment_toy_judge.svg``,
-and each run's ``eval/toy/report.html``. The last stdout line is one JSON object:
-per set-up ``concept_rate``, ``text_align_rate``, ``prior_concept_rate``; ``max_abs_diff``
-between the table and ``toyworld.metrics`` (0 when they agree).
+Outputs under ``--out`` (default ``logs/toy_compare/<concept>``): one run folder per set-up
+(reused when its weights exist), ``comparison/comparison.{md,html,json}``,
+``comparison/alignment_toy_judge.svg``, and each run's ``eval/toy/report.html``. The last
+stdout line is one JSON object: per set-up ``concept_rate``, ``text_align_rate``,
+``prior_concept_rate``; ``max_abs_diff`` between the table and ``toyworld.metrics`` (0 when
+they agree).
 
     python bench/toy_compare.py [--concept twotone_square] [--seeds 16] [--steps N]
 """
@@ -91,9 +92,9 @@ def check(metrics: dict, concept: str, seeds: int) -> dict:
         "concept_rate": agg["concept"]["judge_concept"],
         "text_align_rate": agg["align"]["judge_text"],
         "class_concept_rate": agg["prior"]["judge_concept"],
-    }
+    }  # toyworld.metrics rounds its rates to 4 decimals
     return {"toyworld_metrics": {k: rates[k] for k in ours}, "evaluate": ours,
-            "max_abs_diff": max(abs(rates[k] - v) for k, v in ours.items())}  # fmt: skip
+            "max_abs_diff": max(abs(rates[k] - round(v, 4)) for k, v in ours.items())}  # fmt: skip
 
 
 def main() -> None:
@@ -104,7 +105,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: each recipe's own")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
     parser.add_argument("--no-check", action="store_true", help="skip the toyworld.metrics check")
-    parser.add_argument("--out", default=str(ROOT / "logs" / "toy_compare"))
+    parser.add_argument("--out", default=None, help="default: logs/toy_compare/<concept>")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from toyworld.concepts import CONCEPTS
@@ -112,7 +113,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     cls = CONCEPTS[args.concept].class_word
-    out = Path(args.out).resolve()
+    out = Path(args.out or ROOT / "logs" / "toy_compare" / args.concept).resolve()
     out.mkdir(parents=True, exist_ok=True)
     extra = [*args.extra, *([f"trainer.max_steps={args.steps}"] if args.steps else [])]
     runs, skipped = {}, {}

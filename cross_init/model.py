@@ -126,7 +126,7 @@ class CrossInit(LatentDiffusion):
     tokens' input rows learn.
 
     Args:
-        placeholder_tokens: the new tokens (default 2), e.g. ``["v1*", "v2*"]`` from config.
+        placeholder_tokens: the new tokens, from config (the recipes: two, ``["v1*", "v2*"]``).
         init, names, init_words, reg_weight, init_seed: see :class:`CrossInitTokens`.
         **kwargs: ``LatentDiffusion`` arguments (``learning_rate``, ``scale_lr``, ``ckpt``, ...).
     """

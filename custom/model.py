@@ -59,6 +59,16 @@ def latent_mask(mask: Tensor, size: Sequence[int], margin: int = 0) -> Tensor:
     return m
 
 
+def default_mask_margin(latent_size: int) -> int:
+    """The reference's one-cell margin at SD's 64x64 latents, scaled with the latent size.
+
+    Zoomed-out targets are pasted at 1/3 to 0.6 of the image side: 21-38 latent cells on SD, where
+    one cell is a thin rim, but only 2-4 cells on the toy base's 8x8 latents, where a one-cell
+    margin would leave most of them no loss at all (so 0 there).
+    """
+    return round(latent_size / 64)
+
+
 class CustomDiffusion(LatentDiffusion):
     """Custom Diffusion (Kumari et al., CVPR 2023) on the CompVis SD v1 model.
 
@@ -67,7 +77,8 @@ class CustomDiffusion(LatentDiffusion):
             (the reference's hyphenated spelling is accepted too).
         modifier_tokens: new tokens, e.g. ``["<new1>"]`` (from config).
         initializer_ids: per token, the CLIP ids whose rows initialise it (e.g. ``[[42170]]``).
-        mask_margin: latent cells dropped inside the edge of a zoomed-out (pasted) target image.
+        mask_margin: latent cells dropped inside the edge of a zoomed-out (pasted) target image;
+            ``None``: :func:`default_mask_margin` of the latent size (1 on SD, 0 on the toy).
         **kwargs: ``LatentDiffusion`` arguments (model configs, ``learning_rate``, ``scale_lr``,
             ``optimizer``, ``ckpt`` of the base, ...).
     """
@@ -78,7 +89,7 @@ class CustomDiffusion(LatentDiffusion):
         freeze_model: str = "crossattn_kv",
         modifier_tokens: Sequence[str] = (),
         initializer_ids: Sequence[Sequence[int] | int] | None = None,
-        mask_margin: int = 1,
+        mask_margin: int | None = None,
         **kwargs: Any,
     ) -> None:
         mode = freeze_model.replace("-", "_")
@@ -92,8 +103,8 @@ class CustomDiffusion(LatentDiffusion):
         self.freeze_model = mode
         self.modifier_tokens = list(modifier_tokens)
         self.initializer_ids = None if initializer_ids is None else list(initializer_ids)
-        self.mask_margin = mask_margin
         super().__init__(*args, **kwargs)
+        self.mask_margin = default_mask_margin(self.image_size) if mask_margin is None else mask_margin
 
     def install_hooks(self) -> None:
         if self.modifier_tokens:

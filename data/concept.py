@@ -7,7 +7,7 @@ One concept is a dict in the reference ``--concepts_list`` JSON format::
 
 ``class_data_dir`` (optional) is a folder in the reference layout (``images.txt`` +
 ``caption.txt``: real images keep their own captions) or a plain image folder captioned with
-``class_prompt``.
+``class_prompt``; a list of such folders pools them into one regularization set.
 
 **Mixing and prior weight.** As in the reference, a concept with N regularization images is an
 epoch of 2N items: N regularization images and N target items (targets cycled), shuffled into
@@ -70,7 +70,7 @@ class ConceptDataset(Dataset):
         instance_prompt: caption of every target image, with the concept's token.
         instance_data_dir: target images (either folder layout of ``CaptionedImages``).
         class_prompt: caption of regularization images that have none.
-        class_data_dir: regularization images, or None for none.
+        class_data_dir: regularization images (a folder or a list of folders), or None.
         aug: the random-rescale augmentation on target images.
         repeat: epoch = targets x repeat when there are no regularization images.
         seed: a private RNG for the augmentation; None uses ``random`` (seeded per worker).
@@ -81,7 +81,7 @@ class ConceptDataset(Dataset):
         instance_prompt: str,
         instance_data_dir: str | Path,
         class_prompt: str | None = None,
-        class_data_dir: str | Path | None = None,
+        class_data_dir: str | Path | Sequence[str | Path] | None = None,
         size: int = 512,
         aug: bool = True,
         flip_p: float = 0.5,
@@ -90,9 +90,10 @@ class ConceptDataset(Dataset):
     ) -> None:
         self.targets = _image_list(instance_data_dir, instance_prompt)
         self.regs: list[tuple[Path, str]] = []
-        if class_data_dir is not None:
-            root = Path(class_data_dir)
-            self.regs = _image_list(root, _class_caption(root, class_prompt))
+        if isinstance(class_data_dir, str | Path):
+            class_data_dir = [class_data_dir]
+        for root in map(Path, class_data_dir or []):
+            self.regs += _image_list(root, _class_caption(root, class_prompt))
         self.size = size
         self.aug = aug
         self.flip_p = flip_p

@@ -36,7 +36,7 @@ def sampling_settings(cfg: DictConfig, run: RunInfo) -> dict[str, Any]:
     weights = None
     if run.weights is not None:
         stat = run.weights.stat()
-        weights = f"{run.weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        weights = f"{run.weights.name}:{stat.st_size}:{stat.st_mtime_ns}"  # survives a move
     return {
         "weights": weights,
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),

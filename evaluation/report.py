@@ -22,7 +22,7 @@ table { border-collapse: collapse; margin: 8px 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 th { background: #f3f3f3; } tr.prior td { color: #666; } tr.align td { color: #225; }
-.meta td { text-align: left; } .row { display: flex; gap: 24px; align-items: flex-start; }
+.row { display: flex; flex-wrap: wrap; gap: 12px 24px; align-items: flex-start; }
 figure { margin: 0; } figcaption { color: #555; font-size: 12px; }
 img.grid { image-rendering: pixelated; border: 1px solid #ddd; }
 pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 12px; }

@@ -102,13 +102,15 @@ def _select(cfg: DictConfig, key: str) -> Any:
 
 
 def run_label(run: Path, cfg: DictConfig) -> str:
-    """``task_name`` plus the run's command-line overrides (what tells sweep jobs apart)."""
+    """``task_name`` plus the run's command-line overrides that change what it learns (what
+    tells sweep jobs apart; paths, logging and data-location overrides are left out)."""
     label = str(cfg.get("task_name") or run.name)
     overrides_file = run / ".hydra" / "overrides.yaml"
     if overrides_file.exists():
         overrides = [str(o) for o in OmegaConf.load(overrides_file) or []]
-        skip = ("hydra.", "paths.", "prepare.")
-        shown = [o for o in overrides if not o.startswith(skip)]
+        skip = ("hydra.", "paths.", "prepare.", "callbacks.", "logger", "data.train.concepts.")
+        shown = [o for o in overrides if not o.lstrip("+~").startswith(skip)]
+        shown = [o for o in shown if "enable_progress_bar" not in o]
         if shown:
             label += " " + " ".join(shown)
     return label

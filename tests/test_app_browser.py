@@ -2,7 +2,8 @@
 loopback): start ``python -m app``, train Custom Diffusion on the toy base for a few steps on a
 bundled concept, sample with the delta and Attend-and-Excite, read the image back, download the
 delta in another format, and check that bad input gives a visible message while the app keeps
-running. Screenshots are kept in ``logs/test_artifacts/app_*.png`` (look at them).
+running; then cancel a longer training and check its saved deltas, and compare the two runs on
+the Compare page. Screenshots are kept in ``logs/test_artifacts/app_*.png`` (look at them).
 
 Chromium and playwright as in test_evaluation_browser.py (skipped on a developer machine without
 them, a failure under CI)."""
@@ -25,6 +26,7 @@ from tests.conftest import ROOT
 from tests.test_evaluation_browser import ARTEFACTS, FLAGS, chromium
 
 TRAIN_STEPS = 4
+pytestmark = pytest.mark.slow  # ~2-3 min: three training/evaluation processes on the CPU
 
 
 def start_app(logs: Path, log_file: Path) -> tuple[subprocess.Popen, str]:
@@ -221,3 +223,63 @@ def test_app_end_to_end(page, app_url, tmp_path):
     page.wait_for_selector("#method-select option", state="attached")
     assert not page.problems, page.problems
     print(f"\ntrain {t_train:.0f} s, total {time.time() - t0:.0f} s; screenshots in {ARTEFACTS}")
+
+
+def test_cancel_keeps_saved_deltas(page, app_url):
+    from ldm.checkpoint import read_metadata
+
+    t0 = time.time()
+    _, logs = app_url
+    page.click("#tab-train")
+    page.select_option("#method-select", "finetune_noreg")
+    page.select_option("#concept-select", "striped_circle")
+    assert page.input_value("#class-word") == "circle"
+    page.fill("#steps", "300")
+    page.fill("#preview-every", "2")
+    page.click("#start-train")
+    page.wait_for_function(
+        "document.querySelector('#train-status').textContent.includes('striped_circle') && "
+        "document.querySelector('#train-progress').value >= 3",
+        timeout=120_000,
+    )
+    page.click("#cancel-train")
+    page.wait_for_function(
+        "/^(Cancelled|Failed)/.test(document.querySelector('#train-status').textContent)",
+        timeout=120_000,
+    )
+    assert page.inner_text("#train-status").startswith("Cancelled"), page.inner_text("#train-log")
+    saved = page.inner_text("#train-deltas")
+    assert "step_000002.safetensors" in saved and "last.safetensors" in saved
+    run = max((logs / "app_runs").glob("*"), key=lambda p: p.stat().st_mtime)
+    step = int(read_metadata(run / "checkpoints" / "last.safetensors")["step"])
+    assert 3 <= step < 300  # the delta of the step reached, saved as training ended early
+    assert page.is_visible("#use-delta")
+    shot(page, "train_cancelled")
+    print(f"\ncancelled at step {step} after {time.time() - t0:.0f} s")
+
+
+def test_compare_page(page):
+    t0 = time.time()
+    page.click("#tab-compare")
+    page.wait_for_selector("#run-list input", state="attached")
+    boxes = page.locator("#run-list input")
+    assert boxes.count() == 2  # the two runs trained above
+    boxes.nth(0).check()
+    boxes.nth(1).check()
+    page.fill("#eval-n", "1")
+    page.fill("#eval-steps", "5")
+    page.click("#evaluate")
+    page.wait_for_function(
+        "/^(Finished|Failed)/.test(document.querySelector('#compare-status').textContent)",
+        timeout=300_000,
+    )
+    status = page.inner_text("#compare-status")
+    assert status.startswith("Finished"), page.inner_text("#compare-log")
+    frame = page.frame_locator("#compare-frame")
+    frame.locator("table").first.wait_for()
+    assert frame.locator("svg circle").count() == 2  # one point per run in the alignment plot
+    # each run now links its own report
+    page.wait_for_function("document.querySelector('#run-list').textContent.includes('report')")
+    shot(page, "compare")
+    assert not page.problems, page.problems
+    print(f"\ncompare {time.time() - t0:.0f} s")

@@ -123,6 +123,16 @@ def test_plain_folder_regularization_uses_class_prompt(folders, tmp_path):
     assert ds[0]["caption"] == "photo of a cat" and ds[3]["caption"].endswith(PROMPT)
 
 
+def test_several_regularization_folders_are_pooled(folders, tmp_path):
+    targets, regs = folders
+    plain_regs = write_folder(tmp_path / "plain", 2)
+    ds = ConceptDataset(PROMPT, targets, "photo of a cat", [regs, plain_regs / "images"],
+                        size=SIZE)  # fmt: skip
+    assert len(ds) == 10  # 2 x (3 + 2) regularization images
+    captions = [ds[i]["caption"] for i in range(5)]
+    assert captions == ["a real cat", "two cats", "a cat on a mat"] + ["photo of a cat"] * 2
+
+
 def test_no_regularization_repeat_and_no_aug(folders):
     targets, _ = folders
     assert len(ConceptDataset(PROMPT, targets, size=SIZE)) == 2

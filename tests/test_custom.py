@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from custom.delta import DeltaMismatchError, apply_delta, load_delta, save_delta
-from custom.model import latent_mask
+from custom.model import default_mask_margin, latent_mask
 from custom.processors import CustomDiffusionProcessor
 from ldm import build_model
 from ldm.checkpoint import save_state_dict
@@ -195,6 +195,13 @@ def test_latent_mask_min_pool_and_margin():
     assert torch.equal(latent_mask(torch.ones(2, 1, 32, 32), (8, 8), 1), torch.ones(2, 1, 8, 8))
     with pytest.raises(ValueError, match="not a multiple"):
         latent_mask(mask, (7, 7))
+
+
+def test_default_mask_margin_scales_with_latent_size():
+    """The reference's one cell on SD's 64x64 latents; none on 8x8 latents, unless set."""
+    assert default_mask_margin(64) == 1 and default_mask_margin(8) == 0
+    assert custom_model().mask_margin == 0  # tiny: 8x8 latents
+    assert custom_model(mask_margin=1).mask_margin == 1
 
 
 def test_batch_mask_feeds_the_masked_loss():

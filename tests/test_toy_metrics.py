@@ -114,16 +114,21 @@ def test_callback_writes_metrics_or_skips(tiny_ldm, tmp_path):
         callback_metrics: dict = {}
 
     cb = ToyConceptEval(tmp_path, [{"name": "twotone_square", "token": None}], seeds=1, steps=2,
-                        families=("concept",))  # fmt: skip
+                        families=("concept",), require_toy_base=False)  # fmt: skip
     cb.on_fit_start(Trainer, tiny_ldm)
     cb.on_train_end(Trainer, tiny_ldm)
     out = json.loads((tmp_path / "metrics.json").read_text())
     assert set(out["twotone_square"]) == {"concept_rate", "base_concept_rate"}
     assert out["step"] == 3 and "toy/twotone_square/concept_rate" in Trainer.callback_metrics
     assert (tmp_path / "eval_grid.png").exists()
-    assert not ToyConceptEval(tmp_path, [{"name": "twotone_square"}], resolution=512).enabled
-    assert not ToyConceptEval(tmp_path, [{"name": None}]).enabled
-    assert not ToyConceptEval(tmp_path, [{"name": "my_dog"}]).enabled
+    toy = {"base_ckpt": "models/toy/toy_base.safetensors"}
+    assert ToyConceptEval(tmp_path, [{"name": "twotone_square"}], **toy).enabled
+    assert not ToyConceptEval(tmp_path, [{"name": "twotone_square"}]).enabled  # no base given
+    assert not ToyConceptEval(tmp_path, [{"name": "twotone_square"}], base_ckpt="x.ckpt").enabled
+    assert not ToyConceptEval(tmp_path, [{"name": "twotone_square"}], resolution=512,
+                              **toy).enabled  # fmt: skip
+    assert not ToyConceptEval(tmp_path, [{"name": None}], **toy).enabled
+    assert not ToyConceptEval(tmp_path, [{"name": "my_dog"}], **toy).enabled
 
 
 def test_recipes_enable_the_toy_evaluation(tmp_path):
@@ -133,8 +138,9 @@ def test_recipes_enable_the_toy_evaluation(tmp_path):
         cfg = compose_config(recipe, [], tmp_path)
         cb = instantiate(cfg.callbacks.toy_eval)
         assert cb.enabled and all(c["name"] in CONCEPTS for c in cb.concepts), recipe
-        own = compose_config(recipe, ["prepare=null", "resolution=512"], tmp_path)
-        assert not instantiate(own.callbacks.toy_eval).enabled
+        for own in (["prepare=null"], ["model=tiny"], ["resolution=512"]):
+            cfg = compose_config(recipe, own, tmp_path)
+            assert not instantiate(cfg.callbacks.toy_eval).enabled, (recipe, own)
 
 
 @pytest.mark.slow

@@ -8,8 +8,10 @@ untouched base, for the ``base_concept_rate`` to compare with. The rates also go
 ``trainer.callback_metrics`` as ``toy/<concept>/<rate>`` (and ``toy/min_concept_rate``), so
 ``main.py`` saves them in ``metrics.yaml`` and sweeps can optimise them.
 
-It runs only where the judge applies: toy-world images (32 px) and known concepts; otherwise
-(real photos, ``model=sd15``) it logs one line and does nothing.
+It runs only where the judge applies: the toy base (``base_ckpt`` is the shipped
+``models/toy/toy_base.safetensors``, unless ``require_toy_base=false`` for a re-trained one),
+toy-world images (32 px) and known concepts; otherwise (real photos, ``model=sd15`` or the tiny
+test model) it logs one line and does nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from toyworld.judge import INPUT_SIZE, Judge
 
 log = logging.getLogger(__name__)
 
+TOY_BASE = Path(__file__).resolve().parents[1] / "models" / "toy" / "toy_base.safetensors"
+
 
 class ToyConceptEval(pl.Callback):
     """Judge-scored concept, prior and text-alignment rates at the end of training.
@@ -39,6 +43,8 @@ class ToyConceptEval(pl.Callback):
         concepts: ``{name, token}`` per learned concept (``toyworld.concepts`` names); entries
             with a null name are dropped (e.g. a recipe pointed at real photos).
         resolution: the training image size; anything but the toy world's 32 px skips.
+        base_ckpt: the model config's ``ckpt`` (relative paths from the project root).
+        require_toy_base: skip unless ``base_ckpt`` is the shipped toy base.
         seeds: images per prompt.
         families: prompt families of :func:`toyworld.metrics.evaluate_concept`.
         base_rates: also sample the class-word prompts on the base before training.
@@ -50,6 +56,8 @@ class ToyConceptEval(pl.Callback):
         dirpath: str,
         concepts: Sequence[Mapping[str, Any]],
         resolution: int = INPUT_SIZE,
+        base_ckpt: str | None = None,
+        require_toy_base: bool = True,
         seeds: int = 8,
         families: Sequence[str] = ("concept", "class", "align"),
         base_rates: bool = True,
@@ -60,6 +68,8 @@ class ToyConceptEval(pl.Callback):
         self.dirpath = Path(dirpath)
         self.concepts = [dict(c) for c in concepts if c.get("name")]
         self.resolution = resolution
+        self.base_ckpt = base_ckpt
+        self.require_toy_base = require_toy_base
         self.seeds = seeds
         self.families = tuple(families)
         self.base_rates = base_rates
@@ -71,6 +81,9 @@ class ToyConceptEval(pl.Callback):
         if self.resolution != INPUT_SIZE:
             log.info("toy evaluation skipped: %d px images, the judge reads %d px toy-world "
                      "images", self.resolution, INPUT_SIZE)  # fmt: skip
+            return False
+        if self.require_toy_base and not is_toy_base(self.base_ckpt):
+            log.info("toy evaluation skipped: the base %s is not the toy base", self.base_ckpt)
             return False
         if not self.concepts:
             log.info("toy evaluation skipped: no toy-world concept configured")
@@ -123,6 +136,16 @@ class ToyConceptEval(pl.Callback):
         for key, value in flatten(out).items():
             trainer.callback_metrics[f"toy/{key}"] = torch.tensor(float(value))
         log.info("toy evaluation: %s -> %s", json.dumps(out), self.dirpath / "metrics.json")
+
+
+def is_toy_base(ckpt: str | Path | None) -> bool:
+    """Whether ``ckpt`` (relative to the project root unless absolute) is the shipped toy base."""
+    from ldm.models.diffusion.ddpm import resolve_path
+
+    if ckpt is None:
+        return False
+    path = resolve_path(ckpt)
+    return path.exists() and path.resolve() == TOY_BASE.resolve()
 
 
 def flatten(rates: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

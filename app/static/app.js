@@ -161,10 +161,14 @@ function renderTrain(s) {
   const info = s.info || {};
   const what = `${info.label} on "${info.concept || "your images"}" (class word "${info.class_word}")`;
   const states = {
-    running: `Running: ${s.phase}`, stopping: "Stopping: finishing the current step and saving…",
-    finished: "Finished.", cancelled: "Cancelled: the delta saved so far is kept below.",
-    failed: "Failed: see the message below and the log."};
-  $("train-status").textContent = `${states[s.status] || s.status} — ${what}`;
+    running: `Running (${s.phase})`, stopping: "Stopping (finishing the current step, saving)",
+    finished: "Finished", cancelled: "Cancelled (the deltas saved so far are kept, below)",
+    failed: "Failed (see the message on the left and the log)"};
+  $("train-status").textContent = `${states[s.status] || s.status}: ${what}`;
+  if (info.sample_prompts && info.sample_prompts.length) {
+    $("samples-help").replaceChildren("Each grid shows, left to right and top to bottom: ",
+      ...info.sample_prompts.flatMap((p, i) => [i ? ", " : "", el("code", {text: p})]), ".");
+  }
   $("train-progress").max = s.max_steps || 1;
   $("train-progress").value = s.step || 0;
   const left = s.seconds_per_step && running ? (s.max_steps - s.step) * s.seconds_per_step : null;
@@ -173,13 +177,16 @@ function renderTrain(s) {
     (s.seconds_per_step ? ` · ${s.seconds_per_step.toFixed(2)} s/step` : "") +
     (left ? ` · about ${fmtTime(left)} left` : "") + ` · ${fmtTime(s.elapsed)} elapsed`;
   drawLoss(s.curve || []);
+  const none = () => el("span", {class: "help", text: "none yet"});
   const samples = $("train-samples");
+  samples.replaceChildren(none());
   if (s.samples && s.samples.length) {
     samples.replaceChildren(...s.samples.map((x) => el("figure", {},
       el("img", {src: x.url, alt: `samples at ${x.name}`}),
-      el("figcaption", {text: x.name.replace("step_", "step ").replace(/^0+/, "")}))));
+      el("figcaption", {text: x.name.startsWith("step_") ? `step ${parseInt(x.name.slice(5), 10)}` : x.name}))));
   }
   const deltas = $("train-deltas");
+  deltas.replaceChildren(none());
   if (s.checkpoints && s.checkpoints.length) {
     deltas.replaceChildren(...s.checkpoints.map((c) => el("div", {},
       el("a", {href: c.url, download: c.name, text: c.name}), " ")));
@@ -244,7 +251,7 @@ async function updatePlan() {
     box.replaceChildren(el("strong", {text: plan.merge ? "Merging these deltas. " : ""}),
       el("span", {text: "Tokens to use in your prompt:"}));
     for (const d of plan.deltas) {
-      const line = el("div", {}, el("code", {text: d.tokens_in_prompt.join(" ")}),
+      const line = el("div", {}, el("code", {class: "tok", text: d.tokens_in_prompt.join(" ")}),
         el("span", {text: ` from ${d.label}` + (d.renamed ? ` (renamed from ${d.tokens.join(" ")})` : "")}));
       if (plan.merge) {
         const inp = el("input", {type: "text", class: "class-word", "data-path": d.path,
@@ -254,6 +261,10 @@ async function updatePlan() {
       }
       box.append(line);
     }
+    const d0 = plan.deltas[0];
+    const example = plan.vico ? `a photo of a ${d0.tokens_in_prompt[0]}`
+      : d0.class_word ? `a photo of a ${d0.tokens_in_prompt.join(" ")} ${d0.class_word}` : null;
+    if (example) box.append(el("div", {class: "help"}, "Example: ", el("code", {text: example})));
     box.classList.remove("hidden");
     $("vico-box").classList.toggle("hidden", !plan.vico);
   } catch (e) { box.classList.add("hidden"); show($("sample-error"), e.message); }
@@ -272,9 +283,16 @@ async function generate() {
     const ref = $("reference-image").files[0];
     if (ref && !$("vico-box").classList.contains("hidden")) body.reference_image = await readFile(ref);
     $("generate").disabled = true;
+    clearResult();
     renderSample(await api("/api/sample", body));
     pollSample();
   } catch (e) { show($("sample-error"), e.message); $("generate").disabled = false; }
+}
+
+function clearResult() {
+  $("result-help").textContent = "Generating…";
+  for (const id of ["result-grid", "maps-box", "downloads"]) $(id).classList.add("hidden");
+  $("result-images").replaceChildren();
 }
 
 function renderSample(s) {
@@ -287,12 +305,20 @@ function renderSample(s) {
     ? (s.status === "loading" ? "Loading the model and deltas…" : `Sampling: step ${s.step} / ${s.steps}`)
     : (s.status === "done" ? `Done in ${s.result.seconds} s.` : "");
   show($("sample-warnings"), (s.warnings || []).join("\n"));
-  if (s.status === "error") show($("sample-error"), s.message);
+  if (s.status === "error") {
+    show($("sample-error"), s.message);
+    $("result-help").textContent = "Nothing generated: see the message on the left.";
+  }
   if (s.status !== "done" || !s.result) return;
   const r = s.result;
-  $("result-help").textContent = `"${r.settings.prompt}" · seeds ${r.settings.seed}–${r.settings.seed + r.settings.n - 1}` +
+  const seeds = r.settings.n > 1 ? `seeds ${r.settings.seed}–${r.settings.seed + r.settings.n - 1}` : `seed ${r.settings.seed}`;
+  $("result-help").textContent = `"${r.settings.prompt}" · ${seeds}` +
     ` · ${r.settings.steps} steps · guidance ${r.settings.guidance_scale}` +
     (r.settings.attend_excite ? " · Attend-and-Excite on" : "");
+  $("result-grid").onload = () => {  // small images are shown enlarged, at most 8x
+    const g = $("result-grid");
+    g.style.width = `${Math.min(420, g.naturalWidth * 8)}px`;
+  };
   $("result-grid").src = r.grid;
   $("result-grid").classList.remove("hidden");
   $("result-images").replaceChildren(...r.images.map((u, i) => el("figure", {},
@@ -341,7 +367,7 @@ $("delta-upload").onchange = async () => {
 $("ae-enabled").onchange = () => {
   $("ae-words").disabled = !$("ae-enabled").checked;
   if ($("ae-enabled").checked && !$("ae-words").value) {
-    const toks = [...document.querySelectorAll("#token-plan code")].map((c) => c.textContent.split(" ")[0]);
+    const toks = [...document.querySelectorAll("#token-plan code.tok")].map((c) => c.textContent.split(" ")[0]);
     $("ae-words").value = toks.join(", ");
   }
 };
