@@ -51,6 +51,8 @@ class DeltaInfo:
             "step": self.step,
             "class_word": self.class_word,
             "mtime": self.mtime,
+            # saved during training (step_N): listed only on request
+            "intermediate": self.path.parent.name == "checkpoints" and self.path.stem != "last",
         }
 
 
@@ -83,6 +85,8 @@ def class_word_of(run: Path | None) -> str | None:
 def delta_label(path: Path, run: Path | None) -> str:
     """ "Custom Diffusion (no regularization) · dotted_triangle · 11-26 04:38 · final"."""
     if run is None:
+        if path.parent.parent.name == "app_samples":
+            return f"merged on the Sample page · {path.parent.name}"
         return "/".join(path.parts[-3:]) if path.parent.name == "checkpoints" else path.name
     m = re.match(r"(\d{4})-(\d\d)-(\d\d)_(\d\d)-(\d\d)", run.name)
     when = f"{m[2]}-{m[3]} {m[4]}:{m[5]}" if m else run.name

@@ -302,7 +302,8 @@ def _phase(job: jobs.Job, prog: dict[str, Any]) -> str:
         return "stopping (saving the delta and the final samples)"
     if not prog["events"]:
         return "starting (loading the model, preparing the data)"
-    if "stopping" in prog["events"] or "end" in prog["events"]:
+    done = prog["steps"] and prog["max_steps"] and prog["steps"][-1] >= prog["max_steps"]
+    if done or "stopping" in prog["events"] or "end" in prog["events"]:
         return "finishing (saving the delta, sampling the final grid)"
     return "training"
 

@@ -10,19 +10,20 @@ generated regularization (``finetune_gen``), with a folder of real captioned ima
 analogues ``finetune_crossinit_toy``, ``finetune_cd_cr_toy``); a set-up whose recipe does not
 exist is skipped and listed.
 
-Outputs under ``--out`` (default ``logs/toy_compare/<concept>``): one run folder per set-up
-(reused when its weights exist), ``comparison/comparison.{md,html,json}``,
-``comparison/alignment_toy_judge.svg``, and each run's ``eval/toy/report.html``. The last
-stdout line is one JSON object: per set-up ``concept_rate``, ``text_align_rate``,
-``prior_concept_rate``; ``max_abs_diff`` between the table and ``toyworld.metrics`` (0 when
-they agree).
+Outputs under ``--out`` (default ``logs/toy_compare/<concept>``, plus a hash of ``--steps`` /
+``--extra`` when given): one run folder per set-up (reused when its weights exist),
+``comparison/comparison.{md,html,json}``, ``comparison/alignment_toy_judge.svg``, and each
+run's ``eval/toy/report.html``. The last stdout line is one JSON object: per set-up
+``concept_rate``, ``text_align_rate``, ``prior_concept_rate``; ``max_abs_diff`` between the
+table and ``toyworld.metrics`` (0 when they agree).
 
-    python bench/toy_compare.py [--concept twotone_square] [--seeds 16] [--steps N]
+    python bench/toy_compare.py [--concept outlined_triangle] [--seeds 8] [--steps N]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -49,7 +50,9 @@ SETUPS: dict[str, tuple[str, list[str]]] = {
     "crossinit": ("finetune_crossinit_toy", ["concept={concept}", "class_word={cls}"]),
     "cd_cr": ("finetune_cd_cr_toy", ["concept={concept}", "class_word={cls}"]),
 }
-COMMON = ["+trainer.enable_progress_bar=false", "callbacks.log_samples=null", "logger=null"]
+# The recipes' own end-of-training toy evaluation is left out: the comparison scores every run.
+COMMON = ["+trainer.enable_progress_bar=false", "callbacks.log_samples=null", "logger=null",
+          "++callbacks.toy_eval=null"]  # fmt: skip
 
 
 def run(cmd: list[str], log_file: Path) -> None:
@@ -99,9 +102,9 @@ def check(metrics: dict, concept: str, seeds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concept", default="twotone_square", help="toyworld.concepts name")
+    parser.add_argument("--concept", default="outlined_triangle", help="toyworld.concepts name")
     parser.add_argument("--setups", default=",".join(SETUPS))
-    parser.add_argument("--seeds", type=int, default=16, help="images per prompt")
+    parser.add_argument("--seeds", type=int, default=8, help="images per prompt")
     parser.add_argument("--steps", type=int, default=None, help="default: each recipe's own")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
     parser.add_argument("--no-check", action="store_true", help="skip the toyworld.metrics check")
@@ -113,9 +116,12 @@ def main() -> None:
 
     t0 = time.perf_counter()
     cls = CONCEPTS[args.concept].class_word
-    out = Path(args.out or ROOT / "logs" / "toy_compare" / args.concept).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     extra = [*args.extra, *([f"trainer.max_steps={args.steps}"] if args.steps else [])]
+    name = args.concept + (
+        f"_{hashlib.sha1(' '.join(extra).encode()).hexdigest()[:8]}" if extra else ""
+    )
+    out = Path(args.out or ROOT / "logs" / "toy_compare" / name).resolve()  # runs are reused
+    out.mkdir(parents=True, exist_ok=True)
     runs, skipped = {}, {}
     for name in args.setups.split(","):
         recipe, overrides = SETUPS[name]

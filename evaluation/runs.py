@@ -110,7 +110,7 @@ def run_label(run: Path, cfg: DictConfig) -> str:
         overrides = [str(o) for o in OmegaConf.load(overrides_file) or []]
         skip = ("hydra.", "paths.", "prepare.", "callbacks.", "logger", "data.train.concepts.")
         shown = [o for o in overrides if not o.lstrip("+~").startswith(skip)]
-        shown = [o for o in shown if "enable_progress_bar" not in o]
+        shown = [o for o in shown if "enable_progress_bar" not in o and "toy_eval" not in o]
         if shown:
             label += " " + " ".join(shown)
     return label

@@ -325,8 +325,10 @@ def make_run(folder: Path, tmp: Path) -> Path:
     torch.manual_seed(0)
     base = tmp / "tiny_base.safetensors"
     save_state_dict(pretrained_like(build_model("tiny")).state_dict(), base)
+    prompt = 'data.train.concepts.0.instance_prompt="a photo of a <new1> triangle"'
     overrides = ["model=tiny", f"model.ckpt={base}", "trainer.max_steps=2", "data.batch_size=2",
-                 "logger=null", "callbacks.log_samples=null", "+prepare.concept.n=3"]  # fmt: skip
+                 "logger=null", "callbacks.log_samples=null", "+prepare.concept.n=3",
+                 "prepare.concept.name=dotted_triangle", prompt]  # fmt: skip
     cfg = compose_config("finetune_noreg", overrides, folder)
     train(cfg)
     saved = cfg.copy()

@@ -224,7 +224,8 @@ def test_recipe_trains_then_sample_py_uses_the_image(tmp_path):
             "logger=null", "callbacks.log_samples.steps=2",
             "callbacks.log_samples.prompts=[a *]"]  # fmt: skip
     cfg = compose_config("finetune_vico", over, tmp_path / "run")
-    assert cfg.model._target_ == "vico.model.ViCo" and cfg.model.block_lr == 3e-4 and cfg.model.learning_rate == 5e-3
+    assert cfg.model._target_ == "vico.model.ViCo" and cfg.model.learning_rate == 5e-3
+    assert cfg.model.block_lr == 3e-4 and cfg.trainer.max_steps == 2
     train(cfg)
     ckpts = tmp_path / "run" / "checkpoints"
     assert {p.name for p in ckpts.iterdir()} == {

@@ -128,11 +128,13 @@ async function cancelTraining() {
 
 function drawLoss(curve) {
   const svg = $("loss-chart");
+  const W = Math.max(300, svg.clientWidth || 400);  // draw at the element's own width
+  svg.setAttribute("viewBox", `0 0 ${W} 120`);
   const pts = curve.filter((p) => p[1] != null);
   if (pts.length < 2) { svg.innerHTML = `<text x="10" y="60" fill="#889">loss curve appears here</text>`; return; }
   const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = 0, y1 = Math.max(...ys) || 1;
-  const X = (x) => 40 + 350 * (x - x0) / ((x1 - x0) || 1), Y = (y) => 105 - 95 * (y - y0) / (y1 - y0);
+  const X = (x) => 40 + (W - 55) * (x - x0) / ((x1 - x0) || 1), Y = (y) => 105 - 95 * (y - y0) / (y1 - y0);
   const line = pts.map((p) => `${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join(" ");
   // a running mean over ~10% of the points makes the trend readable
   const k = Math.max(1, Math.round(pts.length / 10));
@@ -145,8 +147,8 @@ function drawLoss(curve) {
     `<text x="2" y="14" font-size="10" fill="#556">${y1.toPrecision(2)}</text>` +
     `<text x="2" y="108" font-size="10" fill="#556">0</text>` +
     `<text x="40" y="118" font-size="10" fill="#556">step ${x0}</text>` +
-    `<text x="330" y="118" font-size="10" fill="#556">step ${x1}</text>` +
-    `<text x="150" y="14" font-size="10" fill="#556">training loss (thin: per step, thick: average)</text>`;
+    `<text x="${W - 60}" y="118" font-size="10" fill="#556">step ${x1}</text>` +
+    `<text x="${W / 2 - 110}" y="14" font-size="10" fill="#556">training loss (thin: per step, thick: average)</text>`;
 }
 
 function renderTrain(s) {
@@ -192,7 +194,8 @@ function renderTrain(s) {
       el("a", {href: c.url, download: c.name, text: c.name}), " ")));
     if (!running && s.status !== "failed") {
       const b = el("button", {type: "button", id: "use-delta", text: "Use this delta on the Sample page →"});
-      b.onclick = () => { SELECT_AFTER_LOAD = s.checkpoints[s.checkpoints.length - 1].path;
+      const final = s.checkpoints.find((c) => c.name === "last.safetensors") || s.checkpoints[s.checkpoints.length - 1];
+      b.onclick = () => { SELECT_AFTER_LOAD = final.path;
         $("prompt").value = info.prompt || $("prompt").value; openPage("sample"); };
       deltas.append(b);
     }
@@ -221,10 +224,11 @@ async function loadDeltas() {
   const ticked = new Set(selectedDeltas());
   if (SELECT_AFTER_LOAD) { ticked.clear(); ticked.add(SELECT_AFTER_LOAD); SELECT_AFTER_LOAD = null; }
   const list = $("delta-list");
+  const shown = DELTAS.filter((d) => $("show-steps").checked || !d.intermediate || ticked.has(d.path));
   if (!DELTAS.length) {
     list.replaceChildren(el("p", {class: "help", text: "No deltas yet: train one on the Train page, or upload one."}));
   } else {
-    list.replaceChildren(...DELTAS.map((d) => {
+    list.replaceChildren(...shown.map((d) => {
       const box = el("input", {type: "checkbox", "data-path": d.path});
       box.checked = ticked.has(d.path);
       box.onchange = updatePlan;
@@ -326,7 +330,9 @@ function renderSample(s) {
       el("img", {src: u, alt: `image ${i + 1}`, class: "result-image"})),
     el("figcaption", {text: `seed ${r.settings.seed + i}`}))));
   $("maps-box").classList.toggle("hidden", !r.maps.length);
-  $("maps").replaceChildren(...r.maps.map((u, i) => el("img", {src: u, alt: `attention maps of image ${i + 1}`})));
+  $("maps").replaceChildren(...r.maps.map((u, i) => el("figure", {},
+    el("a", {href: u, target: "_blank"}, el("img", {src: u, alt: `attention maps of image ${i + 1}`})),
+    el("figcaption", {text: `seed ${r.settings.seed + i} (click to enlarge)`}))));
   $("downloads").classList.remove("hidden");
   $("image-downloads").replaceChildren(el("span", {text: "Images: "}),
     el("a", {class: "dl", href: r.grid, download: "grid.png", text: "grid.png"}),
@@ -467,6 +473,7 @@ async function init() {
   $("cancel-train").onclick = cancelTraining;
   $("generate").onclick = generate;
   $("refresh-deltas").onclick = loadDeltas;
+  $("show-steps").onchange = loadDeltas;
   $("evaluate").onclick = evaluateRuns;
   $("refresh-runs").onclick = loadRuns;
   updateMethod(true);
