@@ -4,7 +4,7 @@ setup:
 	python -m pip install -r requirements-dev.txt
 
 test:
-	python -m pytest -m "not slow" -q
+	python -m pytest -m "not slow or ci" -q
 
 test-all:
 	python -m pytest -q

@@ -40,7 +40,10 @@ def find_sd(arg: str | None) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m app",
+        description="The local web app: train (personalize), sample and compare in a browser.",
+    )
     ap.add_argument("--host", default="127.0.0.1", help="interface (default: loopback only)")
     ap.add_argument("--port", type=int, default=7860, help="0: any free port")
     ap.add_argument("--sd-ckpt", help="Stable Diffusion v1 weights (.ckpt/.safetensors/folder)")

@@ -201,3 +201,25 @@ def images_in(folder: Path) -> list[Path]:
 def deltas_in(folder: Path) -> list[Path]:
     """Saved ``.safetensors`` in ``folder``, oldest first."""
     return _files(folder, (".safetensors",))
+
+
+def seconds_per_step(prog: dict[str, Any]) -> float | None:
+    """Recent training speed from a :func:`read_progress` record."""
+    times, steps = [t for t in prog["times"] if t is not None], prog["steps"]
+    if len(times) < 2 or steps[-1] == steps[0]:
+        return None
+    return round((times[-1] - times[0]) / (steps[-1] - steps[0]), 3)
+
+
+def phase(job: Job, prog: dict[str, Any]) -> str:
+    """What a training job is doing, in words."""
+    if not job.running:
+        return job.status()
+    if job.cancelled:
+        return "stopping (saving the delta and the final samples)"
+    if not prog["events"]:
+        return "starting (loading the model, preparing the data)"
+    done = prog["steps"] and prog["max_steps"] and prog["steps"][-1] >= prog["max_steps"]
+    if done or "stopping" in prog["events"] or "end" in prog["events"]:
+        return "finishing (saving the delta, sampling the final grid)"
+    return "training"

@@ -174,8 +174,8 @@ class App:
                 max_steps=prog["max_steps"] or job.info.get("steps"),
                 loss=losses[-1] if losses else None,
                 curve=[[s, lo] for s, lo in zip(steps[::stride], losses[::stride], strict=True)],
-                seconds_per_step=_rate(prog),
-                phase=_phase(job, prog),
+                seconds_per_step=jobs.seconds_per_step(prog),
+                phase=jobs.phase(job, prog),
                 samples=[
                     {"url": self.url(p), "name": p.stem}
                     for p in jobs.images_in(job.dir / "samples")
@@ -286,26 +286,6 @@ class App:
         except RuntimeError as exc:
             raise InputError(str(exc)) from None
         return self.job_status()
-
-
-def _rate(prog: dict[str, Any]) -> float | None:
-    times, steps = [t for t in prog["times"] if t is not None], prog["steps"]
-    if len(times) < 2 or steps[-1] == steps[0]:
-        return None
-    return round((times[-1] - times[0]) / (steps[-1] - steps[0]), 3)
-
-
-def _phase(job: jobs.Job, prog: dict[str, Any]) -> str:
-    if not job.running:
-        return job.status()
-    if job.cancelled:
-        return "stopping (saving the delta and the final samples)"
-    if not prog["events"]:
-        return "starting (loading the model, preparing the data)"
-    done = prog["steps"] and prog["max_steps"] and prog["steps"][-1] >= prog["max_steps"]
-    if done or "stopping" in prog["events"] or "end" in prog["events"]:
-        return "finishing (saving the delta, sampling the final grid)"
-    return "training"
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -102,10 +102,13 @@ def test_every_method_command_composes(methods, base, tmp_path):
 
 def test_unchanged_overrides_are_left_out(methods):
     m = methods["finetune_noreg"]
-    req = TrainRequest(m, "toy", "triangle", 250, 1e-5, Path("/r"), "dotted_triangle", None, 0)
+    d = m.defaults  # the recipe's own concept, class word, steps and lr: nothing to override
+    req = TrainRequest(m, "toy", d["class_word"], d["steps"], d["lr"], Path("/r"), d["concept"])
     assert [a for a in command(req)[3:] if not a.startswith(("hydra.", "+app"))] == []
-    kept = changed(["trainer.max_steps=250", "trainer.max_steps=9", "+x=1"], m.recipe_cfg)
-    assert kept == ["trainer.max_steps=9", "+x=1"]
+    steps = d["steps"]
+    kept = changed([f"trainer.max_steps={steps}", f"trainer.max_steps={steps + 1}", "+x=1"],
+                   m.recipe_cfg)  # fmt: skip
+    assert kept == [f"trainer.max_steps={steps + 1}", "+x=1"]
 
 
 def test_class_word_checks(methods):

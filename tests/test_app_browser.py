@@ -26,7 +26,8 @@ from tests.conftest import ROOT
 from tests.test_evaluation_browser import ARTEFACTS, FLAGS, chromium
 
 TRAIN_STEPS = 4
-pytestmark = pytest.mark.slow  # ~2-3 min: three training/evaluation processes on the CPU
+# ~2-3 min: three training/evaluation processes on the CPU; CI runs it (`-m "not slow or ci"`)
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
 
 
 def start_app(logs: Path, log_file: Path) -> tuple[subprocess.Popen, str]:

@@ -96,7 +96,8 @@ def test_sample_is_seeded_per_prompt_and_image(tiny_ldm):
 def test_evaluate_concept_report(tiny_ldm, judge):
     report = metrics.evaluate_concept(tiny_ldm, judge, "twotone_square", None, seeds=1, steps=2)
     assert set(report.rates) == {
-        "concept_rate", "class_concept_rate", "text_align_rate", "text_align_concept_rate",
+        "concept_rate", "class_concept_rate", "text_align_rate", "text_align_object_rate",
+        "text_align_colour_rate", "text_align_concept_rate",
     }  # fmt: skip
     assert all(0.0 <= v <= 1.0 for v in report.rates.values())
     assert [len(s) for s in report.samples.values()] == [2, 2, 6]

@@ -59,6 +59,15 @@ class Samples:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def split(self, n_prompts: int) -> tuple[Samples, Samples]:
+        """The first ``n_prompts`` prompts' samples and the rest."""
+        k = n_prompts * self.seeds
+        head = Samples(self.prompts[:k], self.images[:k], self.objects[:k], self.concepts[:k],
+                       self.seeds)  # fmt: skip
+        tail = Samples(self.prompts[k:], self.images[k:], self.objects[k:], self.concepts[k:],
+                       self.seeds)  # fmt: skip
+        return head, tail
+
 
 @dataclass
 class Report:
@@ -196,9 +205,10 @@ def evaluate_concept(
     """Rates of the prompt families (module docstring) for ``concept`` on ``model``.
 
     Keys: ``concept_rate`` (``concept``), ``class_concept_rate`` (``class``), and for ``align``
-    ``text_align_rate`` (the extra object or colour is there), ``text_align_concept_rate``
-    (it is there and so is the concept; second-object prompts only). Without a token the
-    ``concept`` and ``align`` families use the class word.
+    ``text_align_rate`` (the extra object or colour is there, over all its prompts),
+    ``text_align_object_rate`` / ``text_align_colour_rate`` (the two kinds of prompt apart)
+    and ``text_align_concept_rate`` (the second object is there and so is the concept). Without
+    a token the ``concept`` and ``align`` families use the class word.
     """
     unknown = set(families) - {"concept", "class", "align"}
     if unknown:
@@ -218,9 +228,10 @@ def evaluate_concept(
         s = sample_and_judge(model, judge, prompts, seeds, **sample_kw)
         report.samples["align"] = s
         report.rates["text_align_rate"] = object_rate(s, expected)
-        n_obj = sum(" and " in p for p in prompts)
-        second = Samples(s.prompts[: n_obj * seeds], s.images[: n_obj * seeds],
-                         s.objects[: n_obj * seeds], s.concepts[: n_obj * seeds], seeds)  # fmt: skip
+        n_obj = sum(" and " in p for p in prompts)  # second-object prompts come first
+        second, colour = s.split(n_obj)
+        report.rates["text_align_object_rate"] = object_rate(second, expected[:n_obj])
+        report.rates["text_align_colour_rate"] = object_rate(colour, expected[n_obj:])
         report.rates["text_align_concept_rate"] = joint_rate(second, concept, expected[:n_obj])
     report.rates = {k: round(v, 4) for k, v in report.rates.items()}
     log.info("%s (%s): %s", concept, token, report.rates)
