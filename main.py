@@ -20,6 +20,21 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def compose_config(name: str, overrides: list[str], output_dir: str | Path) -> DictConfig:
+    """The root config ``python main.py --config-name NAME overrides`` would run, writing into
+    ``output_dir`` (for scripts and tests that call :func:`train` in-process)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(output_dir)
+    cfg.hydra.runtime.cwd = str(CONFIG_DIR.parent)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def run_prepare(cfg: DictConfig) -> None:

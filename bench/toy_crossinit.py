@@ -44,12 +44,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from ldm.generate import generate  # noqa: E402
+from main import compose_config  # noqa: E402
 from toyworld.judge import Judge  # noqa: E402
 
 log = logging.getLogger("toy_crossinit")
@@ -58,16 +57,6 @@ TOKENS = ["v1*", "v2*"]
 CD_INIT_IDS = [[42170], [47629]]  # Custom Diffusion's reference inits ("ktn", "pll")
 CR_KEYS = ("placeholder_tokens", "token_learning_rate", "init", "names", "init_words",
            "init_seed", "reg_weight")  # fmt: skip
-
-
-def compose_recipe(name: str, overrides: list[str], out: Path):
-    """A root config composed as ``main.py --config-name name`` would, writing into ``out``."""
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(name, overrides=overrides, return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(out)
-    cfg.hydra.runtime.cwd = str(ROOT)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 class FidelityCurve(pl.Callback):
@@ -110,7 +99,7 @@ def run(name: str, recipe: str, overrides: list[str], args, judge: Judge, concep
         steps: int, model_edit=None) -> dict:  # fmt: skip
     """Fine-tune with ``recipe`` for ``steps`` steps; returns the fidelity curve and timings."""
     out = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=args.workdir))
-    cfg = compose_recipe(recipe, [f"concept={concept}", f"trainer.max_steps={steps}",
+    cfg = compose_config(recipe, [f"concept={concept}", f"trainer.max_steps={steps}",
                                   f"seed={args.seed}", *overrides], out)  # fmt: skip
     cfg.data.train.phrase = args.phrase.replace("{class_word}", cfg.class_word)
     if model_edit is not None:

@@ -26,40 +26,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data.datasets import IMAGE_SUFFIXES, is_readable_image, open_rgb
+from data.templates import IMAGENET_TEMPLATES_SMALL
 from data.transforms import to_array
 
 log = logging.getLogger(__name__)
 
-# The short ImageNet prompt templates textual inversion (and Cross Initialization) train with.
-TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}",
-    "a rendering of a {}",
-    "a cropped photo of the {}",
-    "the photo of a {}",
-    "a photo of a clean {}",
-    "a photo of a dirty {}",
-    "a dark photo of the {}",
-    "a photo of my {}",
-    "a photo of the cool {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a cropped photo of a {}",
-    "a photo of the {}",
-    "a good photo of the {}",
-    "a photo of one {}",
-    "a close-up photo of the {}",
-    "a rendition of the {}",
-    "a photo of the clean {}",
-    "a rendition of a {}",
-    "a photo of a nice {}",
-    "a good photo of a {}",
-    "a photo of the nice {}",
-    "a photo of the small {}",
-    "a photo of the weird {}",
-    "a photo of the large {}",
-    "a photo of a cool {}",
-    "a photo of a small {}",
-)
+TEMPLATES = IMAGENET_TEMPLATES_SMALL  # textual inversion's (and Cross Initialization's)
 Box = Sequence[float]
 
 

@@ -11,6 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from main import compose_config  # noqa: E402, F401  (tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
@@ -30,16 +32,3 @@ def tiny_model():
 
     torch.manual_seed(0)
     return build_model("tiny")
-
-
-def compose_config(name: str, overrides: list[str], output_dir: Path):
-    """Compose a root config as Hydra would, with its runtime values set."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(name, overrides=overrides, return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(output_dir)
-    cfg.hydra.runtime.cwd = str(ROOT)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
