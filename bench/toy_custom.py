@@ -12,16 +12,24 @@ Stages (each a real ``main.train`` run of a recipe, or the ``python -m custom`` 
    A with the same schedule -> ``prior_concept_rate_real``, ``prior_concept_rate_noreg``;
 4. ``compose``: ``finetune_toy`` on concept B, then ``python -m custom compose`` of the A and B
    deltas (tokens renamed ``<new1>``/``<new2>``, 200 generic toy-world captions as the
-   regularization captions) -> ``compose_min_rate``;
+   regularization captions), with the target prompts the concepts are sampled with ("a photo
+   of a <new1> triangle", "a <new1> triangle") -> ``compose_min_rate``, and with the
+   reference's target prompts -> ``compose_reference_prompts_min_rate``;
 5. ``joint``: ``finetune_joint`` on A and B -> ``joint_min_rate``;
 6. ``compress``: ``python -m custom compress`` of the A delta at fixed ranks and by the
    reference rule (ratio 0.6) -> the size / fidelity curve, printed above the JSON. Size = the
    compressed delta's tensor bytes / the full delta's; fidelity = concept_rate(compressed) /
-   concept_rate(full) on the same prompts and seeds (``--compress-seeds`` per prompt). The
-   headline point is the smallest one with fidelity >= 0.95 (else the most faithful one).
+   concept_rate(full) on the same prompts and seeds (``--compress-seeds`` per prompt); image
+   fidelity = 1 - mean |x - x_full| / mean |x_rank0 - x_full| over those images, where rank 0
+   keeps the base K/V and only the trained token row (the share of what the K/V training
+   changed in the images that the compressed delta keeps). The headline (``compress_*``) is
+   the reference rule, fixed in advance.
 
-``*_min_rate`` is the smaller of the two concepts' rates on their own prompts. Runs are reused
-when their folder under ``--out`` already holds a delta. The last stdout line is one JSON object.
+``*_min_rate`` is the smaller of the two concepts' rates on their own prompts. B (two-tone) is
+also scored at guidance ``--diag-guidance`` (3), a diagnostic only: at the toy's guidance 5
+the sampler shifts its orange half towards yellow, which the judge reads as another object.
+Runs are reused when their folder under ``--out`` already holds a delta. The last stdout line
+is one JSON object.
 
     python bench/toy_custom.py [--seeds 16] [--steps 1600] [--lr 1e-4] [--out logs/toy_custom]
 """
@@ -46,10 +54,9 @@ import torch  # noqa: E402
 from custom.__main__ import main as custom_cli  # noqa: E402
 from custom.compress import nbytes  # noqa: E402
 from custom.delta import apply_delta  # noqa: E402
-from custom.formats import Delta  # noqa: E402
+from custom.formats import ROWS, Delta  # noqa: E402
 from ldm import load_model  # noqa: E402
 from toyworld import metrics  # noqa: E402
-from toyworld.captions import with_article  # noqa: E402
 from toyworld.concepts import CONCEPTS  # noqa: E402
 from toyworld.dataset import make_example  # noqa: E402
 from toyworld.judge import Judge  # noqa: E402
@@ -87,18 +94,23 @@ def train_recipe(recipe: str, overrides: list[str], out: Path) -> Path:
     return delta
 
 
+def no_flip(*names: str) -> list[str]:
+    """A two-tone concept is left/right: a flipped image would teach a different object."""
+    return ["data.train.flip_p=0"] if any(CONCEPTS[n].pattern == "twotone" for n in names) else []
+
+
 def concept_overrides(recipe: str, name: str) -> list[str]:
     """Point a single-concept recipe (its data and ``prepare`` steps) at toy concept ``name``."""
     word = CONCEPTS[name].class_word
+    if recipe == "finetune_toy":
+        return [f"concept={name}", f"class_word={word}", *no_flip(name)]
     out = [
         f"prepare.concept.name={name}",
         f'data.train.concepts.0.instance_prompt="a photo of a <new1> {word}"',
+        *no_flip(name),
     ]
-    if recipe in ("finetune_toy", "finetune_gen"):
-        out.append(f'prepare.class_images.prompt="a photo of {with_article(word)}"')
-    if recipe in ("finetune_toy", "finetune_real"):
-        key = "real_images" if recipe == "finetune_toy" else "class_images"
-        out.append(f"prepare.{key}.class_word={word}")
+    if recipe == "finetune_real":
+        out.append(f"prepare.class_images.class_word={word}")
     return out
 
 
@@ -111,11 +123,11 @@ def joint_overrides(a: str, b: str) -> list[str]:
             f"prepare.class_images{suffix}.class_word={word}",
             f'data.train.concepts.{i}.instance_prompt="a photo of a <new{i + 1}> {word}"',
         ]
-    return out
+    return out + no_flip(a, b)
 
 
-def with_delta(delta: Path) -> torch.nn.Module:
-    """A fresh toy base with ``delta`` applied."""
+def with_delta(delta: Path | tuple) -> torch.nn.Module:
+    """A fresh toy base with ``delta`` (a file, or ``(tensors, metadata)``) applied."""
     model = load_model(None, "toy")
     apply_delta(model, delta)
     return model.eval()
@@ -138,6 +150,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: finetune_toy's")
     parser.add_argument("--ranks", default="1,2,4,8,16", help="fixed ranks of the compress curve")
     parser.add_argument("--stages", default=STAGES)
+    parser.add_argument("--diag-guidance", type=float, default=3.0,
+                        help="also score concept B at this guidance (0: off)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tuning: concept + class prompts only")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every run")
     parser.add_argument("--threads", type=int, default=1)
@@ -162,10 +176,18 @@ def main() -> None:
     judge = Judge.load()
     result: dict = {"concepts": [a, b], "steps": steps, "lr": lr, "seeds_per_prompt": args.seeds}
 
-    def evaluate(model, concept, token, families, tag, seeds=args.seeds):
-        report = metrics.evaluate_concept(model, judge, concept, token, seeds, families)
+    def evaluate(model, concept, token, families, tag, seeds=args.seeds, **kw):
+        report = metrics.evaluate_concept(model, judge, concept, token, seeds, families, **kw)
         report.grid().save(out / f"grid_{tag}.png")
         return report.rates
+
+    diag: dict[str, float] = {}
+
+    def diagnose(model, token: str, tag: str) -> None:
+        """Concept B's rate at a lower guidance (not a headline number: see the README)."""
+        if args.diag_guidance:
+            diag[tag] = evaluate(model, b, token, ("concept",), f"{tag}_diag",
+                                 guidance_scale=args.diag_guidance)["concept_rate"]  # fmt: skip
 
     def single(recipe: str, concept: str, tag: str) -> Path:
         return train_recipe(recipe, concept_overrides(recipe, concept) + schedule, out / tag)
@@ -176,7 +198,9 @@ def main() -> None:
         result["base_concept_rate"] = r["class_concept_rate"]
 
     fams = ("concept", "class") if args.quick else ("concept", "class", "align")
-    delta_a = single("finetune_toy", a, "reg_a") if stages & {"reg", "compose", "compress"} else None
+    delta_a = (
+        single("finetune_toy", a, "reg_a") if stages & {"reg", "compose", "compress"} else None
+    )
     if "reg" in stages:
         r = evaluate(with_delta(delta_a), a, "<new1>", fams, "reg_a")
         result["concept_rate"] = r["concept_rate"]
@@ -193,22 +217,36 @@ def main() -> None:
 
     if "compose" in stages:
         delta_b = single("finetune_toy", b, "reg_b")
-        result["concept_rate_b"] = evaluate(with_delta(delta_b), b, "<new1>", ("concept",),
-                                            "reg_b")["concept_rate"]  # fmt: skip
+        model_b = with_delta(delta_b)
+        result["concept_rate_b"] = evaluate(model_b, b, "<new1>", ("concept",), "reg_b")[
+            "concept_rate"
+        ]
+        diagnose(model_b, "<new1>", "single_b")
         captions = out / "compose_captions.txt"  # generic toy-world captions (held-out stream)
         captions.write_text("\n".join(make_example(i, seed=7).caption for i in range(200)) + "\n")
-        merged = out / "compose" / "merged.safetensors"
-        merged.parent.mkdir(exist_ok=True)
         words = f"{CONCEPTS[a].class_word}+{CONCEPTS[b].class_word}"
-        cli("compose", str(delta_a), str(delta_b), "-o", str(merged), "--categories", words,
-            "--reg-captions", str(captions), "--tokens", "<new1>", "<new2>")  # fmt: skip
-        report = json.loads(merged.with_suffix(".json").read_text())
-        result["compose_max_constraint_residual"] = max(report["max_constraint_residual"].values())
-        model = with_delta(merged)
-        ra = evaluate(model, a, "<new1>", ("concept",), "compose_a")["concept_rate"]
-        rb = evaluate(model, b, "<new2>", ("concept",), "compose_b")["concept_rate"]
-        result["compose_rates"] = [ra, rb]
-        result["compose_min_rate"] = min(ra, rb)
+        # Target prompts as the concepts are prompted ("a photo of a <new1> triangle"), and the
+        # reference's ("<new1> triangle", "a photo of <new1> triangle") for comparison.
+        ours = [t.format("a {}") for t in metrics.CONCEPT_TEMPLATES]
+        for tag, templates in (("", ours), ("_reference_prompts", [])):
+            merged = out / "compose" / f"merged{tag}.safetensors"
+            merged.parent.mkdir(exist_ok=True)
+            cli("compose", str(delta_a), str(delta_b), "-o", str(merged), "--categories", words,
+                "--reg-captions", str(captions), "--tokens", "<new1>", "<new2>",
+                *(["--templates", *templates] if templates else []))  # fmt: skip
+            report = json.loads(merged.with_suffix(".json").read_text())
+            model = with_delta(merged)
+            ra = evaluate(model, a, "<new1>", ("concept",), f"compose{tag}_a")["concept_rate"]
+            rb = evaluate(model, b, "<new2>", ("concept",), f"compose{tag}_b")["concept_rate"]
+            result[f"compose{tag}_rates"] = [ra, rb]
+            result[f"compose{tag}_min_rate"] = min(ra, rb)
+            result[f"compose{tag}_max_constraint_residual"] = max(
+                report["max_constraint_residual"].values()
+            )
+            result[f"compose{tag}_max_reg_rel_change"] = report["max_reg_rel_change"]
+            if not tag:
+                result["compose_target_prompts"] = ours
+                diagnose(model, "<new2>", "compose_b")
 
     if "joint" in stages:
         delta = train_recipe("finetune_joint", joint_overrides(a, b) + joint_schedule,
@@ -216,15 +254,29 @@ def main() -> None:
         model = with_delta(delta)
         ra = evaluate(model, a, "<new1>", ("concept",), "joint_a")["concept_rate"]
         rb = evaluate(model, b, "<new2>", ("concept",), "joint_b")["concept_rate"]
+        diagnose(model, "<new2>", "joint_b")
         result["joint_rates"] = [ra, rb]
         result["joint_min_rate"] = min(ra, rb)
 
     if "compress" in stages:
         n = args.compress_seeds
-        full_rate = evaluate(with_delta(delta_a), a, "<new1>", ("concept",), "compress_full",
-                             n)["concept_rate"]  # fmt: skip
-        full_bytes = nbytes(Delta.load(delta_a).tensors)
-        curve = []
+        full = Delta.load(delta_a)
+
+        def concept_samples(delta, tag):
+            report = metrics.evaluate_concept(with_delta(delta), judge, a, "<new1>", n,
+                                              ("concept",))  # fmt: skip
+            report.grid().save(out / f"grid_compress_{tag}.png")
+            return report.rates["concept_rate"], report.samples["concept"].images
+
+        full_rate, full_images = concept_samples(delta_a, "full")
+        # Rank 0: the base K/V with the trained token row, the scale of the image fidelity.
+        base_state = load_model(None, "toy").state_dict()
+        rank0 = {k: (v if k == ROWS else base_state[k].clone()) for k, v in full.tensors.items()}
+        rank0_rate, rank0_images = concept_samples((rank0, full.meta), "rank0")
+        scale = (rank0_images - full_images).abs().mean()
+        curve = [{"setting": "rank=0", "ranks": [0, 0], "size_ratio": 0.0,
+                  "concept_rate": rank0_rate, "fidelity": round(rank0_rate / full_rate, 4),
+                  "image_fidelity": 0.0}]  # fmt: skip
         settings = [("rank", r) for r in args.ranks.split(",")] + [("ratio", "0.6")]
         for kind, value in settings:
             path = out / "compress" / f"{kind}{value}.safetensors"
@@ -232,28 +284,32 @@ def main() -> None:
             cli("compress", str(delta_a), "-o", str(path), f"--{kind}", value)
             compressed = Delta.load(path)
             ranks = json.loads(compressed.meta["ranks"]).values()
-            rate = evaluate(with_delta(path), a, "<new1>", ("concept",), f"compress_{kind}{value}",
-                            n)["concept_rate"]  # fmt: skip
+            rate, images = concept_samples(path, f"{kind}{value}")
             curve.append({
                 "setting": f"{kind}={value}", "ranks": [min(ranks), max(ranks)],
-                "size_ratio": round(nbytes(compressed.tensors) / full_bytes, 4),
+                "size_ratio": round(nbytes(compressed.tensors) / nbytes(full.tensors), 4),
                 "concept_rate": rate, "fidelity": round(rate / max(full_rate, 1e-9), 4),
+                "image_fidelity": round(float(1 - (images - full_images).abs().mean() / scale), 4),
             })  # fmt: skip
-        print(f"compress curve of {delta_a} (size = compressed / full delta tensor bytes, "
-              f"fidelity = concept_rate compressed / full {full_rate}, {2 * n} images each):")  # fmt: skip
+        print(f"compress curve of {delta_a}, {2 * n} images per point:\n"
+              "  size = compressed / full delta tensor bytes; fidelity = concept_rate / the full "
+              f"delta's {full_rate};\n  image fidelity = 1 - mean |x - x_full| / "
+              "mean |x_rank0 - x_full| (same seeds)")  # fmt: skip
         for p in curve:
             print(f"  {p['setting']:>10}  ranks {p['ranks'][0]:>2}-{p['ranks'][1]:<2}  "
                   f"size {p['size_ratio']:.3f}  concept_rate {p['concept_rate']:.3f}  "
-                  f"fidelity {p['fidelity']:.3f}")  # fmt: skip
-        ok = [p for p in curve if p["fidelity"] >= 0.95]
-        head = (min(ok, key=lambda p: p["size_ratio"]) if ok
-                else max(curve, key=lambda p: p["fidelity"]))  # fmt: skip
+                  f"fidelity {p['fidelity']:.3f}  "
+                  f"image fidelity {p['image_fidelity']:.3f}")  # fmt: skip
+        head = curve[-1]  # the reference's rule, fixed in advance (not picked from the curve)
         result["compress_full_concept_rate"] = full_rate
         result["compress_curve"] = curve
         result["compress_setting"] = head["setting"]
         result["compress_size_ratio"] = head["size_ratio"]
         result["compress_fidelity_ratio"] = head["fidelity"]
+        result["compress_image_fidelity"] = head["image_fidelity"]
 
+    if diag:
+        result[f"concept_b_rates_at_guidance_{args.diag_guidance:g}"] = diag
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -3,6 +3,7 @@
     python -m custom extract FULL.(ckpt|safetensors) -o DELTA [--freeze-model auto] [--tokens T..]
     python -m custom compress DELTA -o OUT [--ratio 0.6 | --rank R]
     python -m custom compose D1 D2 [...] -o OUT --categories "cat+dog" --reg-captions FILE
+                      [--templates "a photo of a {}" "a {}"]
     python -m custom export DELTA --format compvis|adobe|diffusers -o OUT
     python -m custom import SRC --format compvis|adobe|diffusers -o DELTA [--tokens T..]
     python -m custom info DELTA
@@ -59,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reg-captions", required=True, help="regularization captions, one a line")
     p.add_argument("--n-reg", type=int, default=200, help="captions used (first N)")
     p.add_argument("--tokens", nargs="+", help="rename the deltas' tokens (all, in order)")
+    p.add_argument("--templates", nargs="+", help='target prompts, {} = "<token> <category>" '
+                   '(default: the reference\'s "{}" and "a photo of {}")')  # fmt: skip
     p.add_argument("--report", help="report JSON (default: OUT with .json)")
     _base_args(p), _out(p)
     p = sub.add_parser("export", help="write a delta in another tool's format")
@@ -145,7 +148,8 @@ def _compose(args: argparse.Namespace) -> str:
     captions = Path(args.reg_captions).read_text().splitlines()
     categories = [c.strip() for c in args.categories.split("+")]
     sources = json.dumps(args.src)
-    merged, report = compose(deltas, base, categories, captions, args.n_reg, composed_from=sources)
+    merged, report = compose(deltas, base, categories, captions, args.n_reg, args.templates,
+                             composed_from=sources)  # fmt: skip
     merged.save(out)
     report_path = Path(args.report) if args.report else out.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -66,8 +66,11 @@ def token_features(embedder: nn.Module, prompts: Sequence[str], batch: int = 32)
     return out
 
 
-def target_prompts(token: str, category: str) -> list[str]:
-    """The reference's two prompts per concept (a word ``art`` switches to the style form)."""
+def target_prompts(token: str, category: str, templates: Sequence[str] | None = None) -> list[str]:
+    """The reference's two prompts per concept (a word ``art`` switches to the style form), or
+    ``templates`` with ``{}`` = "<token> <category>" (e.g. "a photo of a {}")."""
+    if templates:
+        return [t.format(f"{token} {category}") for t in templates]
     if re.search(r"\bart\b", category):
         return [f"{token} {category}", f"painting in the style of {token} {category}"]
     return [f"{token} {category}", f"a photo of {token} {category}"]
@@ -116,10 +119,13 @@ def compose(
     categories: Sequence[str],
     reg_captions: Sequence[str],
     n_reg: int = N_REG,
+    templates: Sequence[str] | None = None,
     **fields: Any,
 ) -> tuple[Delta, dict[str, Any]]:
     """Merge full-valued ``deltas`` (their tokens in order, one category per token) on
-    ``base``; returns the merged delta and the residual report."""
+    ``base``; returns the merged delta and the residual report. ``templates`` replace the
+    reference's target prompts (:func:`target_prompts`): the causal text encoder gives a token
+    other features after another prefix, and only the constrained rows are kept exactly."""
     tokens = [t for d in deltas for t in d.tokens]
     if len(set(tokens)) != len(tokens):
         raise ValueError(f"the deltas' tokens repeat ({tokens}): rename them (--tokens)")
@@ -140,7 +146,7 @@ def compose(
     c_reg = torch.cat(token_features(embedder, captions))
     owner_of = [i for i, d in enumerate(deltas) for _ in d.tokens]
     per_token = [
-        torch.cat(token_features(embedder, target_prompts(t, c)))
+        torch.cat(token_features(embedder, target_prompts(t, c, templates)))
         for t, c in zip(tokens, categories, strict=True)
     ]
     all_rows = torch.cat(per_token)
@@ -173,6 +179,9 @@ def compose(
     report = {
         "tokens": tokens,
         "categories": list(categories),
+        "target_prompts": {
+            t: target_prompts(t, c, templates) for t, c in zip(tokens, categories, strict=True)
+        },
         "n_reg_captions": len(captions),
         "n_reg_rows": c_reg.shape[0],
         "n_target_rows": all_rows.shape[0],

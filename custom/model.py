@@ -104,7 +104,9 @@ class CustomDiffusion(LatentDiffusion):
         self.modifier_tokens = list(modifier_tokens)
         self.initializer_ids = None if initializer_ids is None else list(initializer_ids)
         super().__init__(*args, **kwargs)
-        self.mask_margin = default_mask_margin(self.image_size) if mask_margin is None else mask_margin
+        self.mask_margin = (
+            default_mask_margin(self.image_size) if mask_margin is None else mask_margin
+        )
 
     def install_hooks(self) -> None:
         if self.modifier_tokens:

@@ -52,6 +52,10 @@ def test_unique_rows_and_prompt_rules():
     assert target_prompts("<x>", "cat") == ["<x> cat", "a photo of <x> cat"]
     assert target_prompts("<x>", "pop art")[1] == "painting in the style of <x> pop art"
     assert target_prompts("<x>", "cart")[1] == "a photo of <x> cart"
+    assert target_prompts("<x>", "cat", ["a photo of a {}", "a {}"]) == [
+        "a photo of a <x> cat",
+        "a <x> cat",
+    ]
     assert feature_start("photo of a dog") == 4 and feature_start("a dog") == 1
 
 
@@ -108,6 +112,13 @@ def test_cli_compose_writes_delta_and_report(two_deltas, tmp_path, capsys):
     assert set(report["max_constraint_residual"]) == set(TOKENS)
     _, meta = load_delta(out)
     assert json.loads(meta["tokens"]) == TOKENS and json.loads(meta["composed_from"])
+    # Own target prompts: constrained exactly, and recorded in the report.
+    out2 = tmp_path / "merged2.safetensors"
+    assert main([*args, "-o", str(out2), "--templates", "a photo of a {}", "a {}"]) == 0
+    report = json.loads(out2.with_suffix(".json").read_text())
+    assert report["target_prompts"][TOKENS[0]] == [f"a photo of a {TOKENS[0]} triangle",
+                                                   f"a {TOKENS[0]} triangle"]  # fmt: skip
+    assert max(report["max_constraint_residual"].values()) < 1e-5
     # errors are one line each
     renamed = ["--tokens", "<r1>", "<r2>", "-o", str(tmp_path / "r.safetensors")]
     assert main([*args, *renamed]) == 0

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from ldm.image_io import from_pil
 from tests.conftest import compose_config
 from toyworld import metrics
 from toyworld.concepts import CONCEPTS, concept_images
@@ -41,7 +42,8 @@ def test_prompts():
         assert prompt.startswith("a photo of a <new1> square and ")
         assert prompt.endswith(f"{colour} {shape}") and shape != "square" and colour not in own
     for prompt, (colour, shape) in pairs[3:]:
-        assert prompt == f"a photo of {'an' if colour[0] in 'aeiou' else 'a'} {colour} <new1> square"
+        article = "an" if colour[0] in "aeiou" else "a"
+        assert prompt == f"a photo of {article} {colour} <new1> square"
         assert shape == "square" and colour not in own
     with pytest.raises(KeyError, match="unknown concept"):
         metrics.concept_prompts("blue_dog", "<new1>")
@@ -67,11 +69,8 @@ def test_rates_count_per_image():
 
 def test_judge_samples_on_rendered_images(judge):
     """The plumbing from [0, 1] images to judged sets: drawn concepts and objects are found."""
-    concept = torch.stack([torch.from_numpy(__import__("numpy").asarray(im)) for im in
-                           concept_images("twotone_square", 4, seed=3)]).permute(0, 3, 1, 2)  # fmt: skip
     circle = render_scene([ObjectSpec("circle", "red", size=0.6)], 32, (240, 240, 240))
-    plain = torch.from_numpy(__import__("numpy").asarray(circle)).permute(2, 0, 1)[None]
-    images = torch.cat([concept, plain.expand(4, -1, -1, -1)]).float() / 255
+    images = (from_pil(concept_images("twotone_square", 4, seed=3) + [circle] * 4) + 1) / 2
     s = metrics.judge_samples(judge, ["a", "b"], images, seeds=4)
     assert len(s) == 8 and s.prompts == ["a"] * 4 + ["b"] * 4
     assert metrics.concept_rate(s, "twotone_square") == 0.5
@@ -84,7 +83,7 @@ def test_sample_is_seeded_per_prompt_and_image(tiny_ldm):
     kw = {"steps": 2, "guidance_scale": 2.0}
     both = metrics.sample(tiny_ldm, ["a red circle", "a blue square"], 2, **kw)
     alone = metrics.sample(tiny_ldm, ["a blue square"], 2, **kw)
-    assert both.shape == (4, 3, 32, 32) and 0 <= both.min() and both.max() <= 1
+    assert both.shape == (4, 3, 32, 32) and both.min() >= 0 and both.max() <= 1
     assert torch.allclose(both[2:], alone, atol=1e-5)  # independent of the other prompts
     assert not torch.allclose(alone[0], alone[1])  # seeds differ within a prompt
     other = metrics.sample(tiny_ldm, ["a blue square"], 2, seed=7, **kw)
@@ -111,7 +110,7 @@ def test_callback_writes_metrics_or_skips(tiny_ldm, tmp_path):
     from toyworld.callback import ToyConceptEval
 
     class Trainer:
-        global_rank, global_step = 0, 3
+        global_rank, global_step, max_steps = 0, 3, 3
         callback_metrics: dict = {}
 
     cb = ToyConceptEval(tmp_path, [{"name": "twotone_square", "token": None}], seeds=1, steps=2,
@@ -122,6 +121,10 @@ def test_callback_writes_metrics_or_skips(tiny_ldm, tmp_path):
     assert set(out["twotone_square"]) == {"concept_rate", "base_concept_rate"}
     assert out["step"] == 3 and "toy/twotone_square/concept_rate" in Trainer.callback_metrics
     assert (tmp_path / "eval_grid.png").exists()
+    (tmp_path / "metrics.json").unlink()
+    Trainer.max_steps = 10  # stopped early (cancelled): not evaluated
+    cb.on_train_end(Trainer, tiny_ldm)
+    assert not (tmp_path / "metrics.json").exists()
     toy = {"base_ckpt": "models/toy/toy_base.safetensors"}
     assert ToyConceptEval(tmp_path, [{"name": "twotone_square"}], **toy).enabled
     assert not ToyConceptEval(tmp_path, [{"name": "twotone_square"}]).enabled  # no base given
@@ -135,7 +138,8 @@ def test_callback_writes_metrics_or_skips(tiny_ldm, tmp_path):
 def test_recipes_enable_the_toy_evaluation(tmp_path):
     from hydra.utils import instantiate
 
-    for recipe in ("finetune_noreg", "finetune_real", "finetune_gen", "finetune_joint"):
+    for recipe in ("finetune_toy", "finetune_noreg", "finetune_real", "finetune_gen",
+                   "finetune_joint", "finetune_face"):  # fmt: skip
         cfg = compose_config(recipe, [], tmp_path)
         cb = instantiate(cfg.callbacks.toy_eval)
         assert cb.enabled and all(c["name"] in CONCEPTS for c in cb.concepts), recipe
@@ -144,29 +148,51 @@ def test_recipes_enable_the_toy_evaluation(tmp_path):
             assert not instantiate(cfg.callbacks.toy_eval).enabled, (recipe, own)
 
 
+def test_finetune_toy_pools_both_regularization_sets(tmp_path):
+    """The main-job recipe on the tiny model: two steps, generated + captioned class images."""
+    from hydra.utils import instantiate
+
+    from main import train
+
+    overrides = [
+        "model=tiny", "trainer.max_steps=2", "data.batch_size=2", "logger=null",
+        "callbacks.log_samples=null", f"paths.cache_dir={tmp_path / 'cache'}",
+        "prepare.class_images.n=2", "prepare.class_images.steps=2",
+        "prepare.class_images.batch_size=2", "prepare.real_images.n=3",
+    ]  # fmt: skip
+    cfg = compose_config("finetune_toy", overrides, tmp_path / "run")
+    assert cfg.model._target_ == "custom.model.CustomDiffusion" and cfg.model.mask_margin is None
+    train(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").exists()
+    data = instantiate(cfg.data).train_set
+    assert len(data.regs) == 5 and len(data) == 10
+    assert sum(c == "a photo of a triangle" for _, c in data.regs) >= 2
+    assert not (tmp_path / "run" / "metrics.json").exists()  # tiny model: no toy evaluation
+
+
 @pytest.mark.slow
 def test_custom_diffusion_learns_a_toy_concept(tmp_path):
-    """A reduced bench/toy_custom.py: after finetune_real the token draws the concept far more
-    often than the plain class word does on the base."""
+    """A reduced bench/toy_custom.py (about 2 min on a free CPU): finetune_toy with 50 generated
+    regularization images and half the steps; the token then draws the concept far more often
+    than the plain class word does on the base, and the plain class word still does not."""
     from custom.delta import apply_delta
     from ldm import load_model
     from main import train
 
-    torch.set_num_threads(2)
-    cfg = compose_config(
-        "finetune_real",
-        ["trainer.max_steps=250", "callbacks.log_samples=null", "callbacks.toy_eval=null",
-         "logger=null", "+trainer.enable_progress_bar=false"],
-        tmp_path,
-    )  # fmt: skip
-    name = cfg.prepare.concept.name
+    torch.set_num_threads(1)
+    overrides = [
+        "trainer.max_steps=400", "prepare.class_images.n=50", "prepare.real_images.n=50",
+        "callbacks.log_samples=null", "callbacks.toy_eval=null", "logger=null",
+        f"paths.cache_dir={tmp_path / 'cache'}", "+trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    cfg = compose_config("finetune_toy", overrides, tmp_path / "run")
+    name = cfg.concept
     train(cfg)
     judge = Judge.load()
-    base = load_model(None, "toy")
-    base_rate = metrics.evaluate_concept(base, judge, name, None, 4, ("class",)).rates
+    base = metrics.evaluate_concept(load_model(None, "toy"), judge, name, None, 8, ("class",))
     model = load_model(None, "toy")
-    apply_delta(model, tmp_path / "checkpoints" / "last.safetensors")
-    rates = metrics.evaluate_concept(model, judge, name, "<new1>", 4, ("concept",)).rates
-    assert rates["concept_rate"] >= 0.6
-    assert rates["concept_rate"] >= base_rate["class_concept_rate"] + 0.5
-    assert CONCEPTS[name].class_word in cfg.data.train.concepts[0].instance_prompt
+    apply_delta(model, tmp_path / "run" / "checkpoints" / "last.safetensors")
+    tuned = metrics.evaluate_concept(model, judge, name, "<new1>", 8, ("concept", "class"))
+    assert tuned.rates["concept_rate"] >= 0.6
+    assert tuned.rates["concept_rate"] >= base.rates["class_concept_rate"] + 0.5
+    assert tuned.rates["class_concept_rate"] <= 0.25

@@ -8,10 +8,11 @@ untouched base, for the ``base_concept_rate`` to compare with. The rates also go
 ``trainer.callback_metrics`` as ``toy/<concept>/<rate>`` (and ``toy/min_concept_rate``), so
 ``main.py`` saves them in ``metrics.yaml`` and sweeps can optimise them.
 
-It runs only where the judge applies: the toy base (``base_ckpt`` is the shipped
+It runs only where the judge applies -- the toy base (``base_ckpt`` is the shipped
 ``models/toy/toy_base.safetensors``, unless ``require_toy_base=false`` for a re-trained one),
-toy-world images (32 px) and known concepts; otherwise (real photos, ``model=sd15`` or the tiny
-test model) it logs one line and does nothing.
+toy-world images (32 px) and known concepts -- and logs one line and does nothing otherwise
+(real photos, ``model=sd15``, the tiny test model), or when training stopped before
+``max_steps`` (a cancelled run).
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ class ToyConceptEval(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.global_rank != 0:
+            return
+        if trainer.max_steps > 0 and trainer.global_step < trainer.max_steps:
+            log.info("toy evaluation skipped: training stopped at step %d of %d",
+                     trainer.global_step, trainer.max_steps)  # fmt: skip
             return
         log.info("toy evaluation: sampling %s", self.families)
         reports = self._evaluate(pl_module, self.families, Judge.load())

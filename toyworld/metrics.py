@@ -166,7 +166,7 @@ def _concept(name: str) -> Concept:
 def concept_prompts(
     concept: str, token: str | None, templates: Sequence[str] = CONCEPT_TEMPLATES
 ) -> list[str]:
-    """"a photo of a <token> square", ...; ``token=None`` gives the class word alone."""
+    """Prompts "a photo of a <token> square", ...; ``token=None`` gives the class word alone."""
     noun = _concept(concept).class_word
     phrase = with_article(f"{token} {noun}" if token else noun)
     return [t.format(phrase) for t in templates]
