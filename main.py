@@ -54,6 +54,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; returns the final callback metrics as floats."""
     pl.seed_everything(cfg.seed, workers=True)
     run_prepare(cfg)
+    # Again: a prepare step that builds a model or samples (skipped when its output is cached)
+    # must not change the run's random stream.
+    pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     log.info("%s: %s", type(model).__name__, model.summary())

@@ -115,7 +115,9 @@ def test_callback_writes_metrics_or_skips(tiny_ldm, tmp_path):
 
     cb = ToyConceptEval(tmp_path, [{"name": "twotone_square", "token": None}], seeds=1, steps=2,
                         families=("concept",), require_toy_base=False)  # fmt: skip
+    state = torch.random.get_rng_state()
     cb.on_fit_start(Trainer, tiny_ldm)
+    assert torch.equal(torch.random.get_rng_state(), state)  # training's random stream kept
     cb.on_train_end(Trainer, tiny_ldm)
     out = json.loads((tmp_path / "metrics.json").read_text())
     assert set(out["twotone_square"]) == {"concept_rate", "base_concept_rate"}

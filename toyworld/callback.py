@@ -95,9 +95,12 @@ class ToyConceptEval(pl.Callback):
             return False
         return True
 
-    def _evaluate(self, pl_module, families: Sequence[str], judge: Judge) -> dict:
+    def _evaluate(self, pl_module, families: Sequence[str]) -> dict:
         was_training = pl_module.training
         pl_module.eval()
+        # Building the judge draws random initial weights: keep the training's random stream.
+        with torch.random.fork_rng(devices=[]):
+            judge = Judge.load()
         try:
             with pl_module.ema_scope():
                 return {
@@ -113,7 +116,7 @@ class ToyConceptEval(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and self.base_rates and trainer.global_rank == 0:
             log.info("toy evaluation: class-word prompts on the base model")
-            self.base = self._evaluate(pl_module, ("class",), Judge.load())
+            self.base = self._evaluate(pl_module, ("class",))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.global_rank != 0:
@@ -123,7 +126,7 @@ class ToyConceptEval(pl.Callback):
                      trainer.global_step, trainer.max_steps)  # fmt: skip
             return
         log.info("toy evaluation: sampling %s", self.families)
-        reports = self._evaluate(pl_module, self.families, Judge.load())
+        reports = self._evaluate(pl_module, self.families)
         out: dict[str, Any] = {"step": trainer.global_step, "seeds_per_prompt": self.seeds}
         for name, report in reports.items():
             rates = dict(report.rates)
