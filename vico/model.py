@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +82,6 @@ def _doubled(cond: Any) -> Any:
     raise TypeError(f"unsupported conditioning {type(cond).__name__}")
 
 
-def _two_groups(factory: Callable, blocks: nn.Module, block_lr: float, params, lr: float):
-    """An optimizer with the base's parameters at ``lr`` and the image blocks at ``block_lr``."""
-    extra = list(blocks.parameters())
-    n = sum(p.numel() for p in extra)
-    log.info("image blocks: %s parameters at lr %.3g (not scaled)", f"{n:,}", block_lr)
-    return factory([{"params": list(params)}, {"params": extra, "lr": block_lr}], lr=lr)
-
-
 class ViCo(LatentDiffusion):
     """ViCo (Hao et al., arXiv:2306.00971) on the CompVis SD v1 model.
 
@@ -130,9 +121,6 @@ class ViCo(LatentDiffusion):
         self.reference_key = reference_key
         self.vico_state = ViCoState()
         super().__init__(*args, **kwargs)
-        self.optimizer_factory = partial(
-            _two_groups, self.optimizer_factory or torch.optim.AdamW, self.blocks, block_lr
-        )
 
     # ---------------------------------------------------------------- setup
     def install_hooks(self) -> None:
@@ -178,10 +166,11 @@ class ViCo(LatentDiffusion):
         """Everything ViCo trains, by state-dict key: the token row and the image blocks."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The token row (``learning_rate``); the image blocks join the optimizer as a second
-        group at ``block_lr``."""
-        return [placeholder_embedding(self.cond_stage_model).placeholder_weight]
+    def trainable_parameters(self) -> list[nn.Parameter | dict]:
+        """The token row (``learning_rate``, scaled like the base's) and the image blocks as a
+        second group at ``block_lr``, not scaled."""
+        blocks = {"params": list(self.blocks.parameters()), "lr": self.block_lr, "scale_lr": False}
+        return [placeholder_embedding(self.cond_stage_model).placeholder_weight, blocks]
 
     def train(self, mode: bool = True) -> ViCo:
         super().train(mode)

@@ -149,7 +149,8 @@ class LatentDiffusion(pl.LightningModule):
         """What the optimizer trains: the UNet, plus the text encoder when it is trainable.
 
         Variants may also return parameter groups, ``{"params": [...], "lr": base_lr}``: their
-        ``lr`` is a base rate, scaled by :meth:`lr_factor` like ``learning_rate``."""
+        ``lr`` is a base rate, scaled by :meth:`lr_factor` like ``learning_rate`` unless the group
+        says ``"scale_lr": False``."""
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
             params += list(self.cond_stage_model.parameters())
@@ -314,9 +315,10 @@ class LatentDiffusion(pl.LightningModule):
         factor = self.lr_factor()
         groups = [{"params": plain}] if plain else []
         for g in dicts:
-            params = [p for p in g["params"] if p.requires_grad]
-            lr = g.get("lr", self.learning_rate) * factor
-            groups.append({**g, "params": params, "lr": lr})
+            g = dict(g)
+            params = [p for p in g.pop("params") if p.requires_grad]
+            scale = factor if g.pop("scale_lr", True) else 1.0
+            groups.append({**g, "params": params, "lr": g.get("lr", self.learning_rate) * scale})
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
