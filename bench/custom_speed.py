@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench._util import peak_rss_mb, reset_peak_rss, run_child, timed  # noqa: E402
+from ldm.precision import parse_dtype  # noqa: E402
 
 TOKEN, INIT_ID = "<new1>", 42170  # the reference's first modifier token and its init row
 PROMPT = f"photo of a {TOKEN} dog"
@@ -64,7 +65,7 @@ def batch(pixels: int) -> dict:
     }
 
 
-def ours(workdir: Path, config: str, pixels: int, iters: int) -> dict:
+def ours(workdir: Path, config: str, pixels: int, iters: int, precision: str) -> dict:
     from ldm import build_model
 
     model = build_model(
@@ -73,6 +74,7 @@ def ours(workdir: Path, config: str, pixels: int, iters: int) -> dict:
         modifier_tokens=[TOKEN],
         initializer_ids=[[INIT_ID]],
         ckpt=str(workdir / "base.safetensors"),
+        frozen_dtype=precision,
     ).train()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=LR, weight_decay=0.01)
     data = batch(pixels)
@@ -89,8 +91,11 @@ def ours(workdir: Path, config: str, pixels: int, iters: int) -> dict:
     return {"sec": sec, "peak_mb": peak_rss_mb(), "trainable": trainable}
 
 
-def diffusers_step(workdir: Path, pixels: int, iters: int) -> dict:
-    """diffusers' train_custom_diffusion.py step (defaults: crossattn_kv, no prior loss)."""
+def diffusers_step(workdir: Path, pixels: int, iters: int, precision: str) -> dict:
+    """diffusers' train_custom_diffusion.py step (defaults: crossattn_kv, no prior loss).
+
+    ``precision="bf16"`` is its ``--mixed_precision bf16``: the text encoder (token table
+    included), UNet and VAE cast to bf16, the K/V copies fp32, the step under autocast."""
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders import AttnProcsLayers
@@ -111,6 +116,10 @@ def diffusers_step(workdir: Path, pixels: int, iters: int) -> dict:
         table[token_id] = table[INIT_ID]
     vae.requires_grad_(False)
     unet.requires_grad_(False)
+    weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    text_encoder.to(dtype=weight_dtype)
+    unet.to(dtype=weight_dtype)
+    vae.to(dtype=weight_dtype)
     for part in (
         text_encoder.text_model.encoder,
         text_encoder.text_model.final_layer_norm,
@@ -141,21 +150,24 @@ def diffusers_step(workdir: Path, pixels: int, iters: int) -> dict:
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
     unet.train(), text_encoder.train()
     data = batch(pixels)
-    pixel_values = data["image"].permute(0, 3, 1, 2)
+    pixel_values = data["image"].permute(0, 3, 1, 2).to(weight_dtype)
     ids = tokenizer(PROMPT, padding="max_length", truncation=True, max_length=77,
                     return_tensors="pt").input_ids  # fmt: skip
     others = torch.arange(len(tokenizer)) != token_id
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
     def step() -> None:
-        latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,))
-        noisy = scheduler.add_noise(latents, noise, t)
-        context = text_encoder(ids)[0]
-        pred = unet(noisy, t, context).sample
-        mask = torch.ones_like(pred)
-        loss = (F.mse_loss(pred.float(), noise.float(), reduction="none") * mask).sum([1, 2, 3])
-        loss = (loss / mask.sum([1, 2, 3])).mean()
+        with autocast:  # accelerate's autocast around the whole step, as in the example
+            latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (1,))
+            noisy = scheduler.add_noise(latents, noise, t)
+            context = text_encoder(ids)[0]
+            pred = unet(noisy, t, context).sample
+            mask = torch.ones_like(pred)
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="none") * mask
+            loss = (loss.sum([1, 2, 3]) / mask.sum([1, 2, 3])).mean()
         loss.backward()
         table.grad[others] = 0  # only the new token's row learns
         opt.step()
@@ -173,6 +185,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="tiny model at 32 px (a check)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16")
     parser.add_argument("--child", default=None)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
@@ -180,37 +193,56 @@ def main() -> None:
     config, pixels = ("tiny", 32) if args.tiny else ("sd15", 256)
     if args.child:
         workdir = Path(args.workdir)
-        if args.child == "ours":
-            res = ours(workdir, config, pixels, args.iters)
+        impl, precision = args.child.split("-")
+        if impl == "ours":
+            res = ours(workdir, config, pixels, args.iters, precision)
         else:
-            res = diffusers_step(workdir, pixels, args.iters)
+            res = diffusers_step(workdir, pixels, args.iters, precision)
         print(json.dumps(res))
         return
     with tempfile.TemporaryDirectory() as tmp:
         make_weights(Path(tmp), config)
         common = ["--workdir", tmp, "--threads", str(args.threads), "--iters", str(args.iters)]
         common += ["--tiny"] if args.tiny else []
-        kinds = ("diffusers", "ours")
+        kinds = tuple(f"{i}-{p}" for p in args.precisions.split(",") for i in ("diffusers", "ours"))
         runs: dict[str, list[dict]] = {k: [] for k in kinds}
         for r in range(args.rounds):
             for k in kinds if r % 2 == 0 else kinds[::-1]:
                 runs[k].append(run_child(Path(__file__), ["--child", k, *common]))
     best = {k: min(v, key=lambda d: d["sec"]) for k, v in runs.items()}
+    for k, v in best.items():
+        print(k, json.dumps(v))
+    precisions = args.precisions.split(",")
+    # Headline: each at its default precision. Ours is `frozen_dtype: auto` (bf16 on this
+    # AMX-BF16 CPU), diffusers' example defaults to `--mixed_precision no` (fp32).
+    ours_default = "bf16" if "bf16" in precisions and parse_dtype("auto") else precisions[0]
     out = {
-        "step_speedup": best["diffusers"]["sec"] / best["ours"]["sec"],
-        "peak_mem_ratio": best["ours"]["peak_mb"] / best["diffusers"]["peak_mb"],
-        "ours_step_s": best["ours"]["sec"],
-        "diffusers_step_s": best["diffusers"]["sec"],
-        "ours_peak_mb": best["ours"]["peak_mb"],
-        "diffusers_peak_mb": best["diffusers"]["peak_mb"],
-        "ours_trainable": best["ours"]["trainable"],
-        "diffusers_trainable": best["diffusers"]["trainable"],
-        "config": config,
-        "pixels": pixels,
-        "threads": args.threads,
-        "iters": args.iters,
-        "rounds": args.rounds,
+        "step_speedup": best["diffusers-fp32"]["sec"] / best[f"ours-{ours_default}"]["sec"]
+        if "fp32" in precisions
+        else None,
+        "peak_mem_ratio": best[f"ours-{ours_default}"]["peak_mb"]
+        / best["diffusers-fp32"]["peak_mb"]
+        if "fp32" in precisions
+        else None,
+        "ours_precision": ours_default,
+        "diffusers_precision": "fp32",
     }
+    for p in precisions:  # like for like
+        out[f"step_speedup_{p}"] = best[f"diffusers-{p}"]["sec"] / best[f"ours-{p}"]["sec"]
+        mem = best[f"ours-{p}"]["peak_mb"] / best[f"diffusers-{p}"]["peak_mb"]
+        out[f"peak_mem_ratio_{p}"] = mem
+    for k, v in best.items():
+        out[f"{k}_step_s"] = v["sec"]
+        out[f"{k}_peak_mb"] = v["peak_mb"]
+    out.update(
+        ours_trainable=best[f"ours-{precisions[0]}"]["trainable"],
+        diffusers_trainable=best[f"diffusers-{precisions[0]}"]["trainable"],
+        config=config,
+        pixels=pixels,
+        threads=args.threads,
+        iters=args.iters,
+        rounds=args.rounds,
+    )
     print(json.dumps(out))
 
 

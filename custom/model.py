@@ -80,8 +80,10 @@ class CustomDiffusion(LatentDiffusion):
         mask_margin: latent cells dropped inside the edge of a zoomed-out (pasted) target image;
             ``None``: :func:`default_mask_margin` of the latent size (1 on SD, 0 on the toy).
         **kwargs: ``LatentDiffusion`` arguments (model configs, ``learning_rate``, ``scale_lr``,
-            ``optimizer``, ``ckpt`` of the base, ...).
+            ``optimizer``, ``ckpt`` of the base, ``frozen_dtype``, ...).
     """
+
+    saves_only_trained = True  # deltas: ``frozen_dtype: auto`` may store the base in bf16
 
     def __init__(
         self,

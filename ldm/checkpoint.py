@@ -259,26 +259,41 @@ def fingerprint(
     exclude: Iterable[str] = (),
     ignore: Sequence[str] = FINGERPRINT_IGNORE,
     samples: int = 64,
+    digests: Mapping[str, bytes] | None = None,
 ) -> str:
     """A cheap, stable identity of a set of weights: 16 hex digits.
 
     Hashes every key (sorted) with its shape and ``samples`` evenly spaced values rounded to
     float16, so it costs milliseconds even for SD, does not depend on the device, and is equal
     for an fp32 model and its fp16 copy. Keys in ``exclude`` or matching ``ignore`` are skipped.
+    ``digests`` (from :func:`key_digest`) stand in for the tensors of their keys.
     """
     skip = set(exclude)
     patterns = [re.compile(p) for p in ignore]
+    digests = digests or {}
     h = hashlib.sha256()
     for key in sorted(sd):
         if key in skip or any(p.search(key) for p in patterns):
             continue
-        flat = sd[key].detach().reshape(-1)
-        n = flat.numel()
-        idx = torch.linspace(0, max(n - 1, 0), min(n, samples)).round().long()
-        values = flat[idx.to(flat.device)].float().cpu().to(torch.float16)
-        h.update(f"{key}:{tuple(sd[key].shape)}:".encode())
-        h.update(values.numpy().tobytes())
+        h.update(digests[key] if key in digests else key_digest(key, sd[key], samples))
     return h.hexdigest()[:16]
+
+
+def key_digest(key: str, tensor: torch.Tensor, samples: int = 64) -> bytes:
+    """What :func:`fingerprint` hashes for one tensor."""
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel()
+    # float32 linspace can round the last index up to n on tensors over 2**24 elements.
+    idx = torch.linspace(0, max(n - 1, 0), min(n, samples)).round().long().clamp_max(max(n - 1, 0))
+    values = flat[idx.to(flat.device)].float().cpu().to(torch.float16)
+    return f"{key}:{tuple(tensor.shape)}:".encode() + values.numpy().tobytes()
+
+
+def model_fingerprint(model: torch.nn.Module, exclude: Iterable[str] = ()) -> str:
+    """:func:`fingerprint` of ``model.state_dict()``. Weights a model keeps in lower precision
+    (``frozen_dtype``) count with the values they were loaded with, from its ``loaded_digests``,
+    so a delta trained on a bf16-frozen model belongs to the fp32 base and the other way round."""
+    return fingerprint(model.state_dict(), exclude, digests=getattr(model, "loaded_digests", None))
 
 
 def summarize_keys(missing: Sequence[str], unexpected: Sequence[str], max_names: int = 5) -> str:

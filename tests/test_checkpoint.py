@@ -208,3 +208,6 @@ def test_fingerprint_is_stable_cheap_and_selective():
     assert fingerprint(changed, exclude=["big"]) == fingerprint(sd, exclude=["big"])
     rows = {**sd, "emb.placeholder_weight": torch.randn(2, 4), "model_ema.x": torch.ones(1)}
     assert fingerprint(rows) == ref  # placeholder rows and EMA copies are not the base
+    # SD's largest tensors have more elements than float32 counts exactly (2**24).
+    huge = torch.zeros(29_491_200, dtype=torch.bfloat16)
+    assert fingerprint({"w": huge}) != fingerprint({"w": huge[:-1]})

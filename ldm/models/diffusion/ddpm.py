@@ -21,8 +21,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from ldm.checkpoint import key_digest
 from ldm.modules.diffusionmodules.schedule import ddpm_schedule_buffers
 from ldm.modules.ema import LitEma
+from ldm.precision import autocast_for, cast_frozen, castable, parse_dtype
 from ldm.util import count_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,15 @@ class LatentDiffusion(pl.LightningModule):
         optimizer: a partial optimizer factory (Hydra ``_partial_``); AdamW by default.
         scale_lr: multiply ``learning_rate`` by batch size x devices x accumulation, as the
             reference recipes do; the effective rate is always logged.
+        frozen_dtype: ``"bf16"``/``"fp16"`` stores the weights that do not train in that dtype
+            (norm layers excepted) and runs the networks under autocast (``ldm.precision``).
+            ``"auto"``: bf16 where the hardware runs it fast, for variants that save only what
+            they train (``saves_only_trained``); ``None`` keeps everything fp32.
     """
+
+    # A variant that saves only its trained tensors (a delta) loses nothing when the frozen
+    # weights are rounded; ``frozen_dtype: auto`` is honoured only then.
+    saves_only_trained: bool = False
 
     def __init__(
         self,
@@ -90,6 +100,7 @@ class LatentDiffusion(pl.LightningModule):
         ema_decay: float | None = None,
         first_stage_ckpt: str | None = None,
         ckpt: str | None = None,
+        frozen_dtype: str | None = None,
         **compvis_extra: Any,
     ) -> None:
         super().__init__()
@@ -130,6 +141,18 @@ class LatentDiffusion(pl.LightningModule):
         if ckpt:
             self.load_weights(resolve_path(ckpt))
         self.install_hooks()
+        self.frozen_dtype = parse_dtype(frozen_dtype)
+        if frozen_dtype == "auto" and not self.saves_only_trained:
+            self.frozen_dtype = None  # a full-model export would carry the rounded weights
+        if self.frozen_dtype is not None:
+            # The fingerprint of the weights as loaded (deltas record it), before rounding them.
+            params = castable(self, self.frozen_dtype)
+            self.loaded_digests = {
+                k: key_digest(k, p) for k, p in params.items() if p.device.type != "meta"
+            }
+            cast_frozen(self, self.frozen_dtype)
+            n = sum(p.numel() for p in params.values())
+            log.info("frozen weights in %s: %.1f M parameters", frozen_dtype, n / 1e6)
 
     # ----------------------------------------------------------------- schedule
     def register_schedule(
@@ -175,21 +198,33 @@ class LatentDiffusion(pl.LightningModule):
         return {}
 
     # ------------------------------------------------- CompVis method names
+    # With ``frozen_dtype`` the networks run under autocast and hand back fp32 tensors, so the
+    # samplers, losses and every caller see the same dtypes as without it.
+    def compute_precision(self):
+        """The autocast context of ``frozen_dtype`` (a no-op without it)."""
+        return autocast_for(self.device, self.frozen_dtype)
+
+    def _full(self, t: Tensor) -> Tensor:
+        return t if self.frozen_dtype is None else t.float()
+
     @torch.no_grad()
     def encode_first_stage(self, x: Tensor):
-        return self.first_stage_model.encode(x)
+        with self.compute_precision():
+            return self.first_stage_model.encode(x)
 
     def get_first_stage_encoding(self, posterior, generator: torch.Generator | None = None):
         z = posterior.sample(generator) if hasattr(posterior, "sample") else posterior
-        return self.scale_factor * z
+        return self.scale_factor * self._full(z)
 
     def decode_first_stage(self, z: Tensor) -> Tensor:
         if isinstance(self.scale_factor, Tensor) and torch.isnan(self.scale_factor):
             raise RuntimeError("scale_factor is unset: load a checkpoint or train a step first")
-        return self.first_stage_model.decode(z / self.scale_factor)
+        with self.compute_precision():
+            return self._full(self.first_stage_model.decode(z / self.scale_factor))
 
     def get_learned_conditioning(self, prompts: Sequence[str]) -> Tensor:
-        return self.cond_stage_model.encode(list(prompts))
+        with self.compute_precision():
+            return self._full(self.cond_stage_model.encode(list(prompts)))
 
     def apply_model(self, x_noisy: Tensor, t: Tensor, cond: Any) -> Tensor:
         """Predicted noise. ``cond`` is the context tensor, or CompVis' ``{"c_crossattn": [c]}``."""
@@ -197,7 +232,8 @@ class LatentDiffusion(pl.LightningModule):
             cond = torch.cat(list(cond["c_crossattn"]), dim=1)
         elif isinstance(cond, list):
             cond = torch.cat(cond, dim=1)
-        return self.model(x_noisy, t, cond)
+        with self.compute_precision():
+            return self._full(self.model(x_noisy, t, cond))
 
     # --------------------------------------------------------- diffusion
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
