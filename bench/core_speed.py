@@ -1,13 +1,18 @@
 """Our core vs diffusers on the full SD-1.5 architecture with the same random weights.
 
-Measures, each implementation in a fresh process so memory peaks don't mix:
+Measures:
 - UNet forward+backward (batch 1, 256 px -> 32x32 latents, all parameters trainable);
 - 50-step DDIM with classifier-free guidance (scale 7.5), text encoding and VAE decode included.
-Each implementation runs in ``--rounds`` alternating rounds; the best time of each counts.
+
+Speed: both implementations are loaded in ONE process and called alternately (``--rounds``
+rounds, the order flipped every round), and each one's best time counts, so load drift on a
+shared machine hits both alike. (Separate processes per implementation measured up to 5% apart
+in either direction from run to run.) Memory: the peak RSS of a UNet forward+backward, each
+implementation in a fresh process so the peaks do not mix.
 Last stdout line: JSON with ``unet_fwd_bwd_speedup`` and ``sampling_speedup`` (diffusers time /
 our time) and ``peak_mem_ratio`` (our peak RSS / diffusers' during fwd+bwd).
 
-    python bench/core_speed.py [--threads 2] [--iters 3] [--steps 50]
+    python bench/core_speed.py [--threads 1] [--iters 3] [--steps 50] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -57,63 +62,92 @@ def _random_compvis(cfg: dict) -> dict:
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def child(kind: str, workdir: Path, iters: int, steps: int) -> dict:
+def load(kind: str, workdir: Path):
+    if kind == "ours":
+        from ldm import load_model
+
+        model = load_model(workdir / "sd15_random.safetensors", "sd15")
+        model.image_size = 32  # 256 px
+        return model
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        workdir / "diffusers", safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def unet_step(kind: str, impl):
+    """A closure running one UNet forward+backward of ``impl`` (all parameters trainable)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 32, 32, generator=g)
     ctx = torch.randn(1, 77, 768, generator=g)
     t = torch.tensor([500])
-    if kind == "ours-unet":
-        from ldm import load_model
-
-        unet = load_model(workdir / "sd15_random.safetensors", "sd15").model.diffusion_model
+    if kind == "ours":
+        unet = impl.model.diffusion_model
         unet.train().requires_grad_(True)
-        reset_peak_rss()
-        sec = timed(lambda: unet(x, t, context=ctx).square().mean().backward(), iters)
-        return {"sec": sec, "peak_mb": peak_rss_mb()}
-    if kind == "diffusers-unet":
-        from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(workdir / "diffusers" / "unet").train()
-        reset_peak_rss()
-        sec = timed(
-            lambda: unet(x, t, encoder_hidden_states=ctx).sample.square().mean().backward(), iters
-        )
-        return {"sec": sec, "peak_mb": peak_rss_mb()}
-    if kind == "ours-sample":
-        from ldm import load_model
+        def step() -> None:
+            unet(x, t, context=ctx).square().mean().backward()
+            unet.zero_grad(set_to_none=True)
+
+        return step
+    unet = impl.unet
+    unet.train().requires_grad_(True)
+
+    def step() -> None:
+        unet(x, t, encoder_hidden_states=ctx).sample.square().mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sampler(kind: str, impl, steps: int):
+    if kind == "ours":
         from ldm.generate import generate
 
-        model = load_model(workdir / "sd15_random.safetensors", "sd15")
-        model.image_size = 32  # 256 px
-        sec = timed(
-            lambda: generate(model, [PROMPT], steps=steps, guidance_scale=7.5, progress=False),
-            iters=1,
-            warmup=0,
-        )
-        return {"sec": sec}
-    if kind == "diffusers-sample":
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        return lambda: generate(impl, [PROMPT], steps=steps, guidance_scale=7.5, progress=False)
+    return lambda: impl(
+        PROMPT,
+        height=256,
+        width=256,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
 
-        pipe = StableDiffusionPipeline.from_pretrained(
-            workdir / "diffusers", safety_checker=None, requires_safety_checker=False
-        )
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        sec = timed(
-            lambda: pipe(
-                PROMPT,
-                height=256,
-                width=256,
-                num_inference_steps=steps,
-                guidance_scale=7.5,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-            ),
-            iters=1,
-            warmup=0,
-        )
-        return {"sec": sec}
-    raise ValueError(kind)
+
+def speed_child(workdir: Path, iters: int, steps: int, rounds: int) -> dict:
+    """Both implementations in this process, called alternately; best time of each."""
+    impls = {k: load(k, workdir) for k in ("diffusers", "ours")}
+    times: dict[str, list[float]] = {f"{k}_{what}": [] for k in impls for what in ("fb", "sample")}
+    for r in range(rounds):
+        order = list(impls) if r % 2 == 0 else list(impls)[::-1]
+        for k in order:
+            # UNet fwd+bwd first (sampling runs with eval/no-grad)...
+            times[f"{k}_fb"].append(timed(unet_step(k, impls[k]), iters))
+        for k in order:
+            if k == "ours":
+                impls[k].eval()
+            else:
+                impls[k].unet.eval()
+            with torch.no_grad():
+                times[f"{k}_sample"].append(timed(sampler(k, impls[k], steps), 1, warmup=0))
+    return {k: min(v) for k, v in times.items()} | {"all": times}
+
+
+def memory_child(kind: str, workdir: Path, iters: int) -> dict:
+    """Peak RSS of a UNet forward+backward, this implementation alone in a fresh process."""
+    impl = load(kind, workdir)
+    step = unet_step(kind, impl)
+    reset_peak_rss()
+    step()
+    for _ in range(iters - 1):
+        step()
+    return {"peak_mb": peak_rss_mb()}
 
 
 def main() -> None:
@@ -126,41 +160,31 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.child == "speed":
+        print(json.dumps(speed_child(Path(args.workdir), args.iters, args.steps, args.rounds)))
+        return
     if args.child:
-        print(json.dumps(child(args.child, Path(args.workdir), args.iters, args.steps)))
+        print(json.dumps(memory_child(args.child, Path(args.workdir), args.iters)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         make_weights(workdir)
-        common = [
-            "--workdir",
-            tmp,
-            "--threads",
-            str(args.threads),
-            "--iters",
-            str(args.iters),
-            "--steps",
-            str(args.steps),
-        ]
+        common = ["--workdir", tmp, "--threads", str(args.threads), "--iters", str(args.iters)]
         me = Path(__file__)
-        # Alternate the implementations over rounds and keep each one's best time, so a burst of
-        # load on the shared machine does not decide the ratio.
-        kinds = ("diffusers-unet", "ours-unet", "diffusers-sample", "ours-sample")
-        runs: dict[str, list[dict]] = {k: [] for k in kinds}
-        for r in range(args.rounds):
-            for k in kinds if r % 2 == 0 else kinds[::-1]:
-                runs[k].append(run_child(me, ["--child", k, *common]))
-        res = {k: min(v, key=lambda d: d["sec"]) for k, v in runs.items()}
+        mem = {k: run_child(me, ["--child", k, *common]) for k in ("diffusers", "ours")}
+        speed = run_child(me, ["--child", "speed", *common, "--steps", str(args.steps),
+                               "--rounds", str(args.rounds)])  # fmt: skip
     out = {
-        "unet_fwd_bwd_speedup": res["diffusers-unet"]["sec"] / res["ours-unet"]["sec"],
-        "sampling_speedup": res["diffusers-sample"]["sec"] / res["ours-sample"]["sec"],
-        "peak_mem_ratio": res["ours-unet"]["peak_mb"] / res["diffusers-unet"]["peak_mb"],
-        "ours_unet_fwd_bwd_s": res["ours-unet"]["sec"],
-        "diffusers_unet_fwd_bwd_s": res["diffusers-unet"]["sec"],
-        "ours_sampling_s": res["ours-sample"]["sec"],
-        "diffusers_sampling_s": res["diffusers-sample"]["sec"],
-        "ours_peak_mb": res["ours-unet"]["peak_mb"],
-        "diffusers_peak_mb": res["diffusers-unet"]["peak_mb"],
+        "unet_fwd_bwd_speedup": speed["diffusers_fb"] / speed["ours_fb"],
+        "sampling_speedup": speed["diffusers_sample"] / speed["ours_sample"],
+        "peak_mem_ratio": mem["ours"]["peak_mb"] / mem["diffusers"]["peak_mb"],
+        "ours_unet_fwd_bwd_s": speed["ours_fb"],
+        "diffusers_unet_fwd_bwd_s": speed["diffusers_fb"],
+        "ours_sampling_s": speed["ours_sample"],
+        "diffusers_sampling_s": speed["diffusers_sample"],
+        "ours_peak_mb": mem["ours"]["peak_mb"],
+        "diffusers_peak_mb": mem["diffusers"]["peak_mb"],
+        "all_times_s": speed["all"],
         "threads": args.threads,
         "rounds": args.rounds,
         "steps": args.steps,

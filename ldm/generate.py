@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ldm.models.diffusion.sampling import make_sampler
+from ldm.modules.attention import caching_context_kv
 
 
 def initial_noise(shape: tuple[int, ...], seeds: Sequence[int], device, dtype) -> Tensor:
@@ -48,17 +49,18 @@ def generate(
     shape = (model.channels, model.image_size, model.image_size)
     x_T = initial_noise(shape, [seed + i for i in range(len(prompts))], cond.device, cond.dtype)
     kwargs = {"eta": eta} if sampler == "ddim" else {}
-    z = make_sampler(sampler, model).sample(
-        cond,
-        uncond=uncond,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        x_T=x_T,
-        generator=torch.Generator().manual_seed(seed),
-        step_hooks=step_hooks,
-        callback=callback,
-        progress=progress,
-        **kwargs,
-    )
+    with caching_context_kv(model.model):
+        z = make_sampler(sampler, model).sample(
+            cond,
+            uncond=uncond,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            x_T=x_T,
+            generator=torch.Generator().manual_seed(seed),
+            step_hooks=step_hooks,
+            callback=callback,
+            progress=progress,
+            **kwargs,
+        )
     with torch.no_grad():
         return ((model.decode_first_stage(z) + 1) / 2).clamp(0, 1)

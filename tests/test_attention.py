@@ -110,3 +110,63 @@ def test_project_hook_changes_only_projections():
     attn.processor = ZeroValues()
     # Zero values: the output is the output projection's bias alone.
     torch.testing.assert_close(attn(x, ctx), attn.to_out[0].bias.expand(2, 10, 64))
+
+
+def count_kv_calls(model):
+    calls = []
+    layers = [m for _, m in attention_modules(model) if m.is_cross]
+    handles = [m.to_k.register_forward_hook(lambda *a: calls.append(1)) for m in layers]
+    return calls, handles, len(layers)
+
+
+def test_context_kv_cache_same_images_one_projection_per_layer():
+    from ldm import build_model
+    from ldm.generate import generate
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    calls, handles, n_layers = count_kv_calls(model.model)
+    cached = generate(model, ["a red circle"], steps=4, progress=False)
+    n_cached = len(calls)
+    with torch.no_grad():  # the same sampling without the cache, step by step
+        from ldm.models.diffusion.sampling import make_sampler
+
+        cond = model.get_learned_conditioning(["a red circle"])
+        uncond = model.get_learned_conditioning([""])
+        calls.clear()
+        from ldm.generate import initial_noise
+
+        x_T = initial_noise(
+            (model.channels, model.image_size, model.image_size), [0], "cpu", cond.dtype
+        )
+        z = make_sampler("ddim", model).sample(cond, uncond=uncond, steps=4, x_T=x_T,
+                                               generator=torch.Generator().manual_seed(0),
+                                               progress=False)  # fmt: skip
+        plain = ((model.decode_first_stage(z) + 1) / 2).clamp(0, 1)
+    for h in handles:
+        h.remove()
+    assert torch.equal(cached, plain)
+    assert n_cached == n_layers and len(calls) == 4 * n_layers
+
+
+def test_context_kv_cache_misses_on_new_context_new_weights_and_grad():
+    from ldm.modules.attention import caching_context_kv
+
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 6, heads=2, dim_head=4)
+    x, ctx = torch.randn(1, 5, 8), torch.randn(1, 3, 6)
+    calls = []
+    attn.to_k.register_forward_hook(lambda *a: calls.append(1))
+    with caching_context_kv(attn), torch.no_grad():
+        ref = attn(x, ctx)
+        assert torch.equal(attn(x, ctx.clone()), ref) and len(calls) == 1  # equal context: hit
+        before = attn(x, ctx + 1)  # another context: a miss
+        assert len(calls) == 2
+        attn.to_k.weight.mul_(2)  # weights changed in place (an optimizer step)
+        after = attn(x, ctx + 1)
+        assert len(calls) == 3 and not torch.equal(after, before)
+    with caching_context_kv(attn):
+        attn(x, ctx)
+        attn(x, ctx)  # gradients on: never cached (A&E differentiates through attention)
+    assert len(calls) == 5
+    assert attn.kv_cache is None  # off after the block

@@ -48,6 +48,7 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
         self.processor: AttnProcessorFn = AttnProcessor()
+        self.kv_cache: dict | None = None  # set by :func:`caching_context_kv`
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None
@@ -64,8 +65,21 @@ class CrossAttention(nn.Module):
         return t.transpose(1, 2).reshape(b, n, h * d)
 
     def qkv(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        context = x if context is None else context
-        return self.to_q(x), self.to_k(context), self.to_v(context)
+        if context is None:
+            return self.to_q(x), self.to_k(x), self.to_v(x)
+        return self.to_q(x), *self.context_kv(context)
+
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """``to_k(context), to_v(context)``; reused while :func:`caching_context_kv` is on, the
+        context is equal to the last one and the weights are unchanged (no-grad calls only)."""
+        cache = self.kv_cache
+        if cache is None or torch.is_grad_enabled():
+            return self.to_k(context), self.to_v(context)
+        key = (self.to_k.weight._version, self.to_v.weight._version, context.shape, context.dtype)
+        hit = cache.get("key") == key and torch.equal(cache["context"], context)
+        if not hit:
+            cache.update(key=key, context=context, kv=(self.to_k(context), self.to_v(context)))
+        return cache["kv"]
 
     def attention_probs(self, q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
         """Softmax attention weights (B, H, Nq, Nk) from head-split q, k."""
@@ -171,6 +185,22 @@ def set_attn_processor(model: nn.Module, factory: ProcessorFactory) -> Processor
             previous[module] = module.processor
             module.processor = proc
     return ProcessorHandle(previous)
+
+
+@contextmanager
+def caching_context_kv(model: nn.Module) -> Iterator[None]:
+    """Within the block, cross-attention layers compute the K/V of a repeated context once.
+
+    The text context is the same at every sampling step, so its K/V projections need not be
+    recomputed 50 times; any processor that uses :meth:`CrossAttention.qkv` benefits."""
+    layers = [m for _, m in attention_modules(model) if m.is_cross]
+    for m in layers:
+        m.kv_cache = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.kv_cache = None
 
 
 @contextmanager
