@@ -200,7 +200,6 @@ def merged_delta(infos: list[DeltaInfo], names: list[list[str]], classes: list[s
     from custom.compose import KV, compose
     from custom.delta import make_metadata
     from custom.formats import ROWS, Delta
-    from ldm.checkpoint import model_fingerprint
 
     deltas = []
     for info, tokens in zip(infos, names, strict=True):
@@ -219,7 +218,7 @@ def merged_delta(infos: list[DeltaInfo], names: list[list[str]], classes: list[s
         return merged
     # Token rows only (Cross Initialization): nothing to solve, the rows are stacked.
     rows = torch.cat([d.tensors[ROWS] for d in deltas])
-    meta = make_metadata(model_fingerprint(model, exclude=[ROWS]), tokens, "merged")
+    meta = make_metadata(model.weights_fingerprint(exclude=[ROWS]), tokens, "merged")
     return Delta({ROWS: rows}, tokens, meta)
 
 

@@ -166,13 +166,12 @@ class SampleService:
 
     def _vico_model(self, info: dl.DeltaInfo, ckpt: str | None):
         from ldm import load_model, resolve_model_config
-        from ldm.checkpoint import model_fingerprint
         from vico.formats import apply_vico, model_overrides, read_vico
 
         tensors, meta = read_vico(info.path, None)
         cfg = {**resolve_model_config(self.base.config), **model_overrides(meta)}
         model = load_model(ckpt, config=cfg)
-        found = model_fingerprint(model, exclude=set(model.vico_parameters()))
+        found = model.weights_fingerprint(exclude=set(model.vico_parameters()))
         if meta.get("base_hash") and meta["base_hash"] != found:
             raise InputError(
                 f"{info.label}: trained on base {meta['base_hash']}, this base is {found}."

@@ -11,7 +11,6 @@ from torch import nn
 from custom.compress import expand, is_compressed, model_keys
 from custom.delta import DeltaMismatchError
 from custom.formats import Delta
-from ldm.checkpoint import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ def load_base(path: str | Path | None, config: str | Path = "sd15") -> nn.Module
 
 def base_hash(base: nn.Module, keys: Iterable[str]) -> str:
     """The ``base_hash`` a delta holding ``keys`` records for ``base``."""
-    return model_fingerprint(base, exclude=keys)
+    return base.weights_fingerprint(exclude=keys)
 
 
 def check_base(delta: Delta, base: nn.Module, where: str, force: bool = False) -> str:

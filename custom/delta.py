@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.checkpoint import load_state_dict, model_fingerprint, read_metadata, save_state_dict
+from ldm.checkpoint import load_state_dict, read_metadata, save_state_dict
 from ldm.modules.tokens import add_placeholder_tokens, placeholder_tokens
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def delta_metadata(
     """Header metadata of a delta holding ``keys`` of ``model``."""
     fields.setdefault("step", getattr(model, "global_step", 0))
     return make_metadata(
-        model_fingerprint(model, exclude=keys),
+        model.weights_fingerprint(exclude=keys),
         placeholder_tokens(model.cond_stage_model),
         method,
         **fields,
@@ -108,7 +108,7 @@ def apply_delta(
 
     where = str(delta) if isinstance(delta, str | Path) else "delta"
     tensors, meta = load_delta(delta) if isinstance(delta, str | Path) else delta
-    found = model_fingerprint(model, exclude=model_keys(tensors))
+    found = model.weights_fingerprint(exclude=model_keys(tensors))
     if found != meta["base_hash"]:
         msg = f"{where}: trained on base {meta['base_hash']}, this model is {found}"
         if not force:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import model_fingerprint
 from ldm.generate import generate
 from ldm.image_io import to_pil
 from ldm.util import default_device
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def cache_key(model, prompt: str, n: int, **settings: object) -> str:
     """Identity of a generated set: base weights, prompt, count and sampler settings."""
-    spec = {"base": model_fingerprint(model), "prompt": prompt, "n": n, **settings}
+    spec = {"base": model.weights_fingerprint(), "prompt": prompt, "n": n, **settings}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return f"{digest}-n{n}"
 

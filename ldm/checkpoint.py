@@ -289,13 +289,6 @@ def key_digest(key: str, tensor: torch.Tensor, samples: int = 64) -> bytes:
     return f"{key}:{tuple(tensor.shape)}:".encode() + values.numpy().tobytes()
 
 
-def model_fingerprint(model: torch.nn.Module, exclude: Iterable[str] = ()) -> str:
-    """:func:`fingerprint` of ``model.state_dict()``. Weights a model keeps in lower precision
-    (``frozen_dtype``) count with the values they were loaded with, from its ``loaded_digests``,
-    so a delta trained on a bf16-frozen model belongs to the fp32 base and the other way round."""
-    return fingerprint(model.state_dict(), exclude, digests=getattr(model, "loaded_digests", None))
-
-
 def summarize_keys(missing: Sequence[str], unexpected: Sequence[str], max_names: int = 5) -> str:
     """One line: ``"12 missing (a, b, c, d, e, ...), 3 unexpected (x, y, z)"``."""
 

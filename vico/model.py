@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ldm.checkpoint import model_fingerprint
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.attention import CrossAttention, set_attn_processor
 from ldm.modules.tokens import add_placeholder_tokens, placeholder_embedding
@@ -314,6 +313,6 @@ class ViCo(LatentDiffusion):
             "tokens": json.dumps([self.token]),
             "init_word": self.init_word,
             "layers": json.dumps(self.layer_names),
-            "base_hash": model_fingerprint(self, exclude=keys),
+            "base_hash": self.weights_fingerprint(exclude=keys),
             "step": str(int(self.global_step)),
         }

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.checkpoint import model_fingerprint
 from vico.formats import apply_vico, model_overrides, read_vico
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def attach(model: nn.Module, ckpt: ViCoCheckpoint | None) -> None:
     if ckpt is None:
         return
     want = ckpt.meta.get("base_hash")
-    found = model_fingerprint(model, exclude=set(model.vico_parameters()))
+    found = model.weights_fingerprint(exclude=set(model.vico_parameters()))
     if want and want != found:
         log.warning("%s was trained on base %s, this base is %s", ckpt.path, want, found)
     apply_vico(model, ckpt.tensors, str(ckpt.path))

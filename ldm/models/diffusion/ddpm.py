@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from ldm.checkpoint import key_digest
+from ldm.checkpoint import fingerprint, key_digest
 from ldm.modules.diffusionmodules.schedule import ddpm_schedule_buffers
 from ldm.modules.ema import LitEma
 from ldm.precision import autocast_for, cast_frozen, castable, parse_dtype
@@ -142,6 +142,7 @@ class LatentDiffusion(pl.LightningModule):
             self.load_weights(resolve_path(ckpt))
         self.install_hooks()
         self.frozen_dtype = parse_dtype(frozen_dtype)
+        self.loaded_digests: dict[str, bytes] = {}  # fingerprint parts of the rounded weights
         if frozen_dtype == "auto" and not self.saves_only_trained:
             self.frozen_dtype = None  # a full-model export would carry the rounded weights
         if self.frozen_dtype is not None:
@@ -394,6 +395,12 @@ class LatentDiffusion(pl.LightningModule):
         if any(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         load_into(self.first_stage_model, sd, strict=True)
+
+    def weights_fingerprint(self, exclude: Iterable[str] = ()) -> str:
+        """:func:`~ldm.checkpoint.fingerprint` of the state dict. Weights kept in lower precision
+        (``frozen_dtype``) count with the values they were loaded with, so a delta trained on a
+        bf16-frozen model belongs to the fp32 base, and the other way round."""
+        return fingerprint(self.state_dict(), exclude, digests=self.loaded_digests)
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """What a training run saves: the whole model (with the EMA UNet if any); variants save
