@@ -140,9 +140,19 @@ def speed_child(workdir: Path, iters: int, steps: int, rounds: int) -> dict:
 
 
 def memory_child(kind: str, workdir: Path, iters: int) -> dict:
-    """Peak RSS of a UNet forward+backward, this implementation alone in a fresh process."""
+    """Peak RSS of a UNet forward+backward, this implementation's UNet alone in a fresh process.
+
+    Only the UNet is kept: diffusers maps its safetensors lazily, so the untouched VAE and text
+    encoder of a whole pipeline would not count on its side but would on ours."""
+    import gc
+
     impl = load(kind, workdir)
     step = unet_step(kind, impl)
+    if kind == "ours":
+        impl.first_stage_model, impl.cond_stage_model = None, None
+    else:
+        impl.vae, impl.text_encoder = None, None
+    gc.collect()
     reset_peak_rss()
     step()
     for _ in range(iters - 1):
