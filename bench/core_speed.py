@@ -32,7 +32,6 @@ import torch  # noqa: E402
 
 from bench._util import peak_rss_mb, reset_peak_rss, run_child, timed  # noqa: E402
 
-SD15 = ROOT.parent / "shared" / "data" / "sd15_configs"
 PROMPT = "a photo of a dog on the beach"
 
 

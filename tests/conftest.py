@@ -15,6 +15,9 @@ from main import compose_config  # noqa: E402, F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+# SD v1.5's own config files (no weights), shipped with the tests; tokenizer: ldm/assets.
+SD15_CONFIGS = ROOT / "tests" / "data" / "sd15_configs"
+CLIP_TOKENIZER = ROOT / "ldm" / "assets" / "clip_tokenizer"
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,9 @@ from ldm.modules.attention import (
     set_attn_processor,
 )
 from ldm.modules.encoders.clip import PromptTooLongError
-from tests.conftest import SHARED, compose_config
+from tests.conftest import SD15_CONFIGS, compose_config
 
-SD15 = SHARED / "data" / "sd15_configs"
+SD15 = SD15_CONFIGS
 PIPE = "diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite"
 PIPE += ".pipeline_stable_diffusion_attend_and_excite"
 SD_BLOCKS = "input_blocks.7 input_blocks.8 output_blocks.3 output_blocks.4 output_blocks.5"
@@ -303,7 +303,6 @@ def diffusers_unet(**overrides):
     return UNet2DConditionModel.from_config({**sd15_json("unet"), **overrides}).eval()
 
 
-@pytest.mark.skipif(not SD15.exists(), reason="shared/data/sd15_configs missing")
 @pytest.mark.parametrize("size, steps", [(16, 26), pytest.param(32, 50, marks=pytest.mark.slow)])
 def test_whole_sampling_run_matches_the_pipeline(size, steps):
     """The pipeline's own ``__call__`` (DDIM, refinement at steps 0/10/20, two images) on a
@@ -341,7 +340,6 @@ def test_whole_sampling_run_matches_the_pipeline(size, steps):
     assert rel_err(got, want) < 1e-4  # measured 1.2e-6 (16x16 latent, 26 steps)
 
 
-@pytest.mark.skipif(not SD15.exists(), reason="shared/data/sd15_configs missing")
 def test_sd15_step_matches_the_pipeline():
     """Full-size SD-1.5, random weights, 64x64 latent (16x16 maps): one A&E step equals the
     pipeline's ``_aggregate_and_get_max_attention_per_token`` / ``_compute_loss`` /

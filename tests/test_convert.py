@@ -37,13 +37,12 @@ from ldm.convert import (
     vae_compvis_to_diffusers,
     vae_diffusers_to_compvis,
 )
-from tests.conftest import ROOT, SHARED
+from tests.conftest import ROOT, SD15_CONFIGS
 
-SD15 = SHARED / "data" / "sd15_configs"
+SD15 = SD15_CONFIGS
 # diffusers' single-file config builders take the image size only through a deprecated argument.
 pytestmark = pytest.mark.filterwarnings("ignore:`image_size` is deprecated:FutureWarning")
-needs_sd15 = pytest.mark.skipif(not SD15.exists(), reason="shared/data/sd15_configs missing")
-CONFIGS = ["small", pytest.param("sd15", marks=needs_sd15)]
+CONFIGS = ["small", "sd15"]
 
 SMALL: dict[str, Any] = {
     "_target_": "ldm.models.diffusion.ddpm.LatentDiffusion",
@@ -128,7 +127,6 @@ def resolved(cls: type, cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ configs
-@needs_sd15
 def test_sd15_configs_equal_the_real_ones():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig

@@ -13,12 +13,10 @@ import json
 import pytest
 import torch
 
-from tests.conftest import SHARED
+from tests.conftest import CLIP_TOKENIZER, SD15_CONFIGS
 
-SD15 = SHARED / "data" / "sd15_configs"
+SD15 = SD15_CONFIGS
 TOL = 1e-4
-
-pytestmark = pytest.mark.skipif(not SD15.exists(), reason="shared/data/sd15_configs missing")
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -104,7 +102,7 @@ def test_text_encoder_parity(sd15_config):
         {k.removeprefix("cond_stage_model."): v for k, v in sd.items()}, strict=False
     )
     prompts = ["a photo of a sks dog", "an oil painting of a cat on the beach, detailed"]
-    tok = CLIPTokenizer.from_pretrained(str(SD15 / "tokenizer"), local_files_only=True)
+    tok = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER), local_files_only=True)
     ids = tok(
         prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids

@@ -27,10 +27,10 @@ from PIL import Image
 from data.download import fetch_image
 from data.retrieve import ClipRetrievalClient, KnnClient
 from data.retrieve import main as retrieve_main
-from tests.conftest import ROOT, SHARED, compose_config
+from tests.conftest import ROOT, compose_config
 
 log = logging.getLogger(__name__)
-DREAMBOOTH = SHARED / "data" / "dreambooth"
+DREAMBOOTH = ROOT / "tests" / "data" / "dreambooth"  # one photo per subject
 EXTRA = ("clip_retrieval", "open_clip", "faiss", "pandas")
 needs_extra = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in EXTRA),
@@ -139,9 +139,9 @@ def setup(tmp_path_factory):
 
     start = time.monotonic()
     tmp = tmp_path_factory.mktemp("retrieval")
-    subjects = sorted(p for p in DREAMBOOTH.iterdir() if p.is_dir())
+    subjects = sorted(DREAMBOOTH.glob("*.jpg"))
     assert len(subjects) >= 18, "the DreamBooth images are needed"
-    files = {f"img/{s.name}.jpg": sorted(s.glob("*.jpg"))[0].read_bytes() for s in subjects}
+    files = {f"img/{s.name}": s.read_bytes() for s in subjects}
     server = ImageServer(files)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     backend, backend_log = None, (tmp / "backend.log").open("w")  # noqa: SIM115 - closed below
@@ -152,8 +152,8 @@ def setup(tmp_path_factory):
     routes = [*list(files)[:10], "flaky.jpg", *BROKEN]
     captions = {}
     for i, (subject, route) in enumerate(zip(subjects, routes, strict=False)):
-        captions[server.url(route)] = f"a photo of a {subject.name.replace('_', ' ')}, {i}"
-        (folder / f"{i:03d}.jpg").write_bytes(sorted(subject.glob("*.jpg"))[0].read_bytes())
+        captions[server.url(route)] = f"a photo of a {subject.stem.replace('_', ' ')}, {i}"
+        (folder / f"{i:03d}.jpg").write_bytes(subject.read_bytes())
         meta = {"url": server.url(route), "caption": captions[server.url(route)]}
         (folder / f"{i:03d}.json").write_text(json.dumps(meta))
     torch.manual_seed(0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,11 +23,11 @@ from ldm.models.diffusion.ancestral import AncestralSampler
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import Sampler, guided_eps, leading_timesteps, make_sampler
+from tests.conftest import SD15_CONFIGS
 
 diffusers = pytest.importorskip("diffusers")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SCHEDULER_CONFIG = SHARED / "data/sd15_configs/scheduler/scheduler_config.json"
+SCHEDULER_CONFIG = SD15_CONFIGS / "scheduler" / "scheduler_config.json"
 SHAPE = (4, 8, 8)  # latent (C, H, W)
 MU, SIG = 1.5, 0.5  # 1-D Gaussian data distribution
 
@@ -62,10 +61,8 @@ class GaussianLDM(FakeLDM):
 
 
 def sd_config() -> dict[str, Any]:
-    """SD v1.5's scheduler_config.json (same betas inline if the shared data is absent)."""
-    if SCHEDULER_CONFIG.exists():
-        return json.loads(SCHEDULER_CONFIG.read_text())
-    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    """SD v1.5's own scheduler_config.json."""
+    return json.loads(SCHEDULER_CONFIG.read_text())
 
 
 @pytest.fixture(autouse=True)

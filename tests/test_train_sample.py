@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, SHARED, compose_config
+from tests.conftest import ROOT, compose_config
 
 FAST = ["model=tiny", "trainer.max_steps=2", "data.batch_size=2", "callbacks.log_samples.steps=2",
         "callbacks.log_samples.prompts=[a red circle]", "logger=null"]  # fmt: skip
@@ -57,9 +57,7 @@ def test_train_then_sample(tmp_path):
 def test_train_on_image_folder(tmp_path):
     from main import train
 
-    folder = SHARED / "data" / "dreambooth" / "dog"
-    if not folder.exists():
-        pytest.skip("shared dreambooth data missing")
+    folder = ROOT / "tests" / "data" / "dreambooth"  # photos plus licence files (skipped)
     overrides = [
         *FAST,
         "data=folder",

@@ -153,7 +153,7 @@ class LatentDiffusion(pl.LightningModule):
             }
             cast_frozen(self, self.frozen_dtype)
             n = sum(p.numel() for p in params.values())
-            log.info("frozen weights in %s: %.1f M parameters", frozen_dtype, n / 1e6)
+            log.info("frozen weights in %s: %.1f M parameters", self.frozen_dtype, n / 1e6)
 
     # ----------------------------------------------------------------- schedule
     def register_schedule(
