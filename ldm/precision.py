@@ -1,7 +1,8 @@
 """Frozen weights in low precision: half the memory, and bf16/fp16 kernels, for what never trains.
 
 Fine-tuning methods train a few tensors (Custom Diffusion: the cross-attention K/V and a token
-row) and backpropagate through a frozen UNet. ``cast_frozen`` stores every frozen weight in bf16
+row) and backpropagate through a frozen UNet. ``cast_frozen(castable(model, dtype), dtype)``
+stores every frozen weight in bf16
 (or fp16) and leaves the trainable ones, and all normalisation layers, in fp32; the model then
 runs its forward passes under ``torch.autocast`` (:func:`autocast_for`), so the trainable fp32
 tensors are cast per operation and receive fp32 gradients. This is what diffusers' training
@@ -13,6 +14,7 @@ refuse bf16 affine parameters.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -43,8 +45,8 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def castable(module: nn.Module, dtype: torch.dtype) -> dict[str, nn.Parameter]:
-    """The parameters :func:`cast_frozen` would cast, by state-dict name: frozen, floating,
-    not yet ``dtype``, outside norm layers."""
+    """The parameters to cast, by state-dict name: frozen, floating, not yet ``dtype``, outside
+    norm layers."""
     out = {}
     for prefix, sub in module.named_modules():
         if isinstance(sub, NORMS):
@@ -55,13 +57,10 @@ def castable(module: nn.Module, dtype: torch.dtype) -> dict[str, nn.Parameter]:
     return out
 
 
-def cast_frozen(module: nn.Module, dtype: torch.dtype) -> list[str]:
-    """Cast the frozen parameters of ``module`` outside norm layers to ``dtype``, in place;
-    returns their names. Trainable parameters and buffers are left alone."""
-    params = castable(module, dtype)
+def cast_frozen(params: Mapping[str, nn.Parameter], dtype: torch.dtype) -> None:
+    """Cast ``params`` (from :func:`castable`) to ``dtype`` in place."""
     for p in params.values():
         p.data = p.data.to(dtype)
-    return list(params)
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:

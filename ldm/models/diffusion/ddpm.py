@@ -141,17 +141,17 @@ class LatentDiffusion(pl.LightningModule):
         if ckpt:
             self.load_weights(resolve_path(ckpt))
         self.install_hooks()
-        self.frozen_dtype = parse_dtype(frozen_dtype)
+        # "auto" skips full-model variants: their export would carry the rounded weights.
+        auto_off = frozen_dtype == "auto" and not self.saves_only_trained
+        self.frozen_dtype = None if auto_off else parse_dtype(frozen_dtype)
         self.loaded_digests: dict[str, bytes] = {}  # fingerprint parts of the rounded weights
-        if frozen_dtype == "auto" and not self.saves_only_trained:
-            self.frozen_dtype = None  # a full-model export would carry the rounded weights
         if self.frozen_dtype is not None:
             # The fingerprint of the weights as loaded (deltas record it), before rounding them.
             params = castable(self, self.frozen_dtype)
             self.loaded_digests = {
                 k: key_digest(k, p) for k, p in params.items() if p.device.type != "meta"
             }
-            cast_frozen(self, self.frozen_dtype)
+            cast_frozen(params, self.frozen_dtype)
             n = sum(p.numel() for p in params.values())
             log.info("frozen weights in %s: %.1f M parameters", self.frozen_dtype, n / 1e6)
 
