@@ -160,13 +160,17 @@ def test_context_kv_cache_misses_on_new_context_new_weights_and_grad():
     with caching_context_kv(attn), torch.no_grad():
         ref = attn(x, ctx)
         assert torch.equal(attn(x, ctx.clone()), ref) and len(calls) == 1  # equal context: hit
-        before = attn(x, ctx + 1)  # another context: a miss
+        ctx.add_(1)  # the same tensor changed in place: a miss
+        assert torch.equal(attn(x, ctx), attn.processor(attn, x, ctx, None))
         assert len(calls) == 2
+        ctx.sub_(1)
+        before = attn(x, ctx + 2)  # another context: a miss
+        assert len(calls) == 3
         attn.to_k.weight.mul_(2)  # weights changed in place (an optimizer step)
-        after = attn(x, ctx + 1)
-        assert len(calls) == 3 and not torch.equal(after, before)
+        after = attn(x, ctx + 2)
+        assert len(calls) == 4 and not torch.equal(after, before)
     with caching_context_kv(attn):
         attn(x, ctx)
         attn(x, ctx)  # gradients on: never cached (A&E differentiates through attention)
-    assert len(calls) == 5
+    assert len(calls) == 6
     assert attn.kv_cache is None  # off after the block

@@ -78,7 +78,9 @@ class CrossAttention(nn.Module):
         key = (self.to_k.weight._version, self.to_v.weight._version, context.shape, context.dtype)
         hit = cache.get("key") == key and torch.equal(cache["context"], context)
         if not hit:
-            cache.update(key=key, context=context, kv=(self.to_k(context), self.to_v(context)))
+            # A copy: the caller may change its tensor in place before the next call.
+            kv = (self.to_k(context), self.to_v(context))
+            cache.update(key=key, context=context.clone(), kv=kv)
         return cache["kv"]
 
     def attention_probs(self, q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
