@@ -153,8 +153,7 @@ def memory_child(kind: str, workdir: Path, iters: int) -> dict:
         impl.vae, impl.text_encoder = None, None
     gc.collect()
     reset_peak_rss()
-    step()
-    for _ in range(iters - 1):
+    for _ in range(iters):
         step()
     return {"peak_mb": peak_rss_mb()}
 

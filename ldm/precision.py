@@ -2,10 +2,10 @@
 
 Fine-tuning methods train a few tensors (Custom Diffusion: the cross-attention K/V and a token
 row) and backpropagate through a frozen UNet. ``cast_frozen(castable(model, dtype), dtype)``
-stores every frozen weight in bf16
-(or fp16) and leaves the trainable ones, and all normalisation layers, in fp32; the model then
-runs its forward passes under ``torch.autocast`` (:func:`autocast_for`), so the trainable fp32
-tensors are cast per operation and receive fp32 gradients. This is what diffusers' training
+stores every frozen weight in bf16 (or fp16) and leaves the trainable ones, and all normalisation
+layers, in fp32; the model then runs its forward passes under ``torch.autocast``
+(:func:`autocast_for`), so the trainable fp32 tensors are cast per operation and receive fp32
+gradients. This is what diffusers' training
 examples do with ``--mixed_precision``; on CPUs with AMX-BF16 it is also several times faster.
 
 Normalisation layers stay fp32: autocast runs ``group_norm``/``layer_norm`` in fp32 and would
