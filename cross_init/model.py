@@ -194,22 +194,13 @@ class CustomDiffusionCrossInit(CustomDiffusion):
         **kwargs: Any,
     ) -> None:
         self._token_args = (list(placeholder_tokens), _token_kwargs(kwargs))
-        self.token_learning_rate = token_learning_rate
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, token_learning_rate=token_learning_rate, **kwargs)
 
     def install_hooks(self) -> None:
         tokens, options = self._token_args
         self.cross_init = CrossInitTokens(tokens, **options)
         self.cross_init.install(self.cond_stage_model)
         super().install_hooks()  # freezes all but K/V and the token rows (CD's own tokens too)
-
-    def trainable_parameters(self) -> list[dict[str, Any]]:
-        rows = placeholder_embedding(self.cond_stage_model).placeholder_weight
-        rest = [p for p in super().trainable_parameters() if p is not rows]
-        return [
-            {"params": rest, "lr": self.learning_rate},
-            {"params": [rows], "lr": self.token_learning_rate},
-        ]
 
     def extra_losses(self, batch: Mapping[str, Any], out: Mapping[str, Tensor]) -> dict:
         return {"loss_reg": self.cross_init.loss(self.cond_stage_model)}

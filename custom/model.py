@@ -79,6 +79,8 @@ class CustomDiffusion(LatentDiffusion):
         initializer_ids: per token, the CLIP ids whose rows initialise it (e.g. ``[[42170]]``).
         mask_margin: latent cells dropped inside the edge of a zoomed-out (pasted) target image;
             ``None``: :func:`default_mask_margin` of the latent size (1 on SD, 0 on the toy).
+        token_learning_rate: base rate of the new token rows (scaled like ``learning_rate``);
+            ``None``: ``learning_rate``, as the reference trains them.
         **kwargs: ``LatentDiffusion`` arguments (model configs, ``learning_rate``, ``scale_lr``,
             ``optimizer``, ``ckpt`` of the base, ``frozen_dtype``, ...).
     """
@@ -92,6 +94,7 @@ class CustomDiffusion(LatentDiffusion):
         modifier_tokens: Sequence[str] = (),
         initializer_ids: Sequence[Sequence[int] | int] | None = None,
         mask_margin: int | None = None,
+        token_learning_rate: float | None = None,
         **kwargs: Any,
     ) -> None:
         mode = freeze_model.replace("-", "_")
@@ -105,6 +108,7 @@ class CustomDiffusion(LatentDiffusion):
         self.freeze_model = mode
         self.modifier_tokens = list(modifier_tokens)
         self.initializer_ids = None if initializer_ids is None else list(initializer_ids)
+        self.token_learning_rate = token_learning_rate
         super().__init__(*args, **kwargs)
         self.mask_margin = (
             default_mask_margin(self.image_size) if mask_margin is None else mask_margin
@@ -137,8 +141,16 @@ class CustomDiffusion(LatentDiffusion):
         """The trained tensors by state-dict key: selected UNet weights and token rows."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.delta_parameters().values())
+    def trainable_parameters(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        params = list(self.delta_parameters().values())
+        table = placeholder_embedding(self.cond_stage_model)
+        if self.token_learning_rate is None or table is None:
+            return params
+        rows = table.placeholder_weight
+        return [
+            {"params": [p for p in params if p is not rows], "lr": self.learning_rate},
+            {"params": [rows], "lr": self.token_learning_rate},
+        ]
 
     def batch_mask(self, batch: Mapping[str, Any], z: Tensor) -> Tensor | None:
         mask = batch.get("mask")

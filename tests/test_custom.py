@@ -126,6 +126,18 @@ def test_bad_freeze_mode_and_missing_init_ids_are_refused():
         custom_model(initializer_ids=None)
 
 
+def test_token_rows_get_their_own_rate_when_asked():
+    same = custom_model(learning_rate=2e-5)
+    assert same.param_groups() == list(same.delta_parameters().values())  # the reference
+    model = custom_model(learning_rate=2e-5, token_learning_rate=4e-4)
+    groups = model.param_groups()  # scale_lr off: the base rates
+    assert [g["lr"] for g in groups] == [2e-5, 4e-4]
+    assert groups[1]["params"] == [model.cond_stage_model.token_embedding.placeholder_weight]
+    assert {id(p) for g in groups for p in g["params"]} == {
+        id(p) for p in model.delta_parameters().values()
+    }
+
+
 @pytest.mark.parametrize("mode", ["crossattn_kv", "crossattn"])
 def test_step_changes_only_delta_tensors(mode):
     model = custom_model(freeze_model=mode, modifier_tokens=TOKENS, initializer_ids=INIT_IDS)

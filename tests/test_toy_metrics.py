@@ -183,7 +183,7 @@ def test_custom_diffusion_learns_a_toy_concept(tmp_path):
 
     torch.set_num_threads(1)
     overrides = [
-        "trainer.max_steps=400", "prepare.class_images.n=50", "prepare.real_images.n=50",
+        "trainer.max_steps=600", "prepare.class_images.n=50", "prepare.real_images.n=50",
         "callbacks.log_samples=null", "callbacks.toy_eval=null", "logger=null",
         f"paths.cache_dir={tmp_path / 'cache'}", "+trainer.enable_progress_bar=false",
     ]  # fmt: skip
