@@ -200,10 +200,12 @@ def main() -> None:
     steps = args.steps or int(toy.trainer.max_steps)
     lr = args.lr or float(toy.model.learning_rate)
     token_lr = args.token_lr or toy.model.token_learning_rate
-    rates = [f"model.learning_rate={lr}", f"model.token_learning_rate={token_lr}"]
+    rates = [f"model.learning_rate={lr}"]
+    if token_lr is not None:  # null in the recipe: the K/V rate, as the reference trains
+        rates.append(f"model.token_learning_rate={token_lr}")
     schedule = [f"trainer.max_steps={steps}", *rates, *args.extra]
-    # The two-concept stages (joint, and the single deltas compose merges): their own schedule,
-    # by default twice the steps and without the rescale augmentation (see the docstring).
+    # The two-concept stages (joint, and the single deltas compose merges): their own steps and
+    # rates, and no rescale augmentation (see the docstring).
     pair_steps = args.pair_steps
     pair_rates = [f"model.learning_rate={args.pair_lr}",
                   f"model.token_learning_rate={args.pair_token_lr}"]  # fmt: skip
