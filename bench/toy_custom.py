@@ -16,7 +16,9 @@ Stages (each a real ``main.train`` run of a recipe, or the ``python -m custom`` 
    ``<new1>``/``<new2>``, 200 generic toy-world captions as the regularization captions), with
    the target prompts the concepts are sampled with ("a photo of a <new1> triangle", "a <new1>
    triangle") -> ``compose_min_rate``, and with the reference's target prompts ->
-   ``compose_reference_prompts_min_rate``;
+   ``compose_reference_prompts_min_rate``; ``*_generic_object_rate`` (and
+   ``generic_object_rate_base``): how often the merged model (the base) still draws plain
+   single-object prompts ("a photo of a red circle", one per shape) right;
 5. ``joint``: ``finetune_joint`` on A and B with the two-concept schedule -> ``joint_min_rate``;
 6. ``compress``: ``python -m custom compress`` of the A delta at fixed ranks and by the
    reference rule (ratio 0.6) -> the size / fidelity curve, printed above the JSON. Size = the
@@ -80,6 +82,7 @@ from toyworld import metrics  # noqa: E402
 from toyworld.concepts import CONCEPTS  # noqa: E402
 from toyworld.dataset import make_example  # noqa: E402
 from toyworld.judge import Judge  # noqa: E402
+from toyworld.world import COLOURS, SHAPES  # noqa: E402
 
 log = logging.getLogger("toy_custom")
 STAGES = "base,reg,real,noreg,compose,joint,compress"
@@ -144,6 +147,17 @@ def joint_overrides(a: str, b: str) -> list[str]:
             f'data.train.concepts.{i}.instance_prompt="a photo of a <new{i + 1}> {word}"',
         ]
     return out + no_flip(a, b)
+
+
+# Plain objects, each shape once in a different colour: does a merged model still draw the world?
+GENERIC_OBJECTS = list(zip(COLOURS, SHAPES, strict=False))
+
+
+def generic_object_rate(model, judge: Judge, seeds: int) -> float:
+    """Share of images of "a photo of a <colour> <shape>" holding exactly that object."""
+    prompts = [f"a photo of a {c} {s}" for c, s in GENERIC_OBJECTS]
+    samples = metrics.sample_and_judge(model, judge, prompts, seeds)
+    return round(metrics.object_rate(samples, GENERIC_OBJECTS), 4)
 
 
 def with_delta(delta: Path | tuple) -> torch.nn.Module:
@@ -283,6 +297,8 @@ def main() -> None:
         captions = out / "compose_captions.txt"  # generic toy-world captions (held-out stream)
         captions.write_text("\n".join(make_example(i, seed=7).caption for i in range(200)) + "\n")
         words = f"{CONCEPTS[a].class_word}+{CONCEPTS[b].class_word}"
+        base = load_model(None, "toy")
+        result["generic_object_rate_base"] = generic_object_rate(base, judge, args.seeds)
         # Target prompts as the concepts are prompted ("a photo of a <new1> triangle"), and the
         # reference's ("<new1> triangle", "a photo of <new1> triangle") for comparison.
         ours = [t.format("a {}") for t in metrics.CONCEPT_TEMPLATES]
@@ -302,6 +318,8 @@ def main() -> None:
                 report["max_constraint_residual"].values()
             )
             result[f"compose{tag}_max_reg_rel_change"] = report["max_reg_rel_change"]
+            generic = generic_object_rate(model, judge, args.seeds)
+            result[f"compose{tag}_generic_object_rate"] = generic
             if not tag:
                 result["compose_target_prompts"] = ours
                 diagnose(model, "<new2>", "compose_b")
