@@ -250,22 +250,23 @@ def main() -> None:
     def single(recipe: str, concept: str, tag: str, sched: list[str] = schedule) -> Path:
         return train_recipe(recipe, concept_overrides(recipe, concept) + sched, out / tag)
 
+    def reg_run(seed: int) -> tuple[Path, str]:
+        """``finetune_toy`` on A with training seed ``seed``; seed 0's delta is also compressed."""
+        tag = "reg_a" if seed == 0 else f"reg_a_seed{seed}"
+        return single("finetune_toy", a, tag, [*schedule, f"seed={seed}"]), tag
+
     if "base" in stages:
         base = load_model(None, "toy")
         r = evaluate(base, a, None, ("class",), "base")
         result["base_concept_rate"] = r["class_concept_rate"]
 
     fams = ("concept", "class") if args.quick else ("concept", "class", "align")
-    needs_a = "compress" in stages or ("reg" in stages and 0 in train_seeds)
-    delta_a = single("finetune_toy", a, "reg_a") if needs_a else None
     if "reg" in stages:
         # Training seeds differ by more than the 32 sampled images resolve (0.84-0.94 concept
         # rate): the headline is the mean over --train-seeds, each seed's rates beside it.
         runs = []
         for seed in train_seeds:
-            tag = "reg_a" if seed == 0 else f"reg_a_seed{seed}"
-            delta = delta_a if seed == 0 else single(
-                "finetune_toy", a, tag, [*schedule, f"seed={seed}"])  # fmt: skip
+            delta, tag = reg_run(seed)
             runs.append(evaluate(with_delta(delta), a, "<new1>", fams, tag))
         keys = ["concept_rate", "class_concept_rate",
                 *(k for k in runs[0] if k.startswith("text_align"))]  # fmt: skip
@@ -336,6 +337,7 @@ def main() -> None:
 
     if "compress" in stages:
         n = args.compress_seeds
+        delta_a, _ = reg_run(0)
         full = Delta.load(delta_a)
 
         def concept_samples(delta, tag):
