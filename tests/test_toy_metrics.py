@@ -141,7 +141,7 @@ def test_recipes_enable_the_toy_evaluation(tmp_path):
     from hydra.utils import instantiate
 
     for recipe in ("finetune_toy", "finetune_noreg", "finetune_real", "finetune_gen",
-                   "finetune_joint", "finetune_face"):  # fmt: skip
+                   "finetune_joint", "finetune_joint_toy", "finetune_face"):  # fmt: skip
         cfg = compose_config(recipe, [], tmp_path)
         cb = instantiate(cfg.callbacks.toy_eval)
         assert cb.enabled and all(c["name"] in CONCEPTS for c in cb.concepts), recipe
@@ -170,6 +170,33 @@ def test_finetune_toy_pools_both_regularization_sets(tmp_path):
     assert len(data.regs) == 5 and len(data) == 10
     assert sum(c == "a photo of a triangle" for _, c in data.regs) >= 2
     assert not (tmp_path / "run" / "metrics.json").exists()  # tiny model: no toy evaluation
+
+
+def test_finetune_joint_toy_pools_regularization_per_concept(tmp_path):
+    """The toy two-concept recipe: each concept's regularization is its own class word's
+    generated images pooled with captioned scenes, and it trains with the two-concept rates."""
+    from hydra.utils import instantiate
+
+    from main import train
+
+    small = [f"prepare.{k}.{v}" for k in ("gen_images", "gen_images2")
+             for v in ("n=2", "steps=2", "batch_size=2")]  # fmt: skip
+    overrides = [
+        "model=tiny", "trainer.max_steps=2", "data.batch_size=2", "logger=null",
+        "callbacks.log_samples=null", f"paths.cache_dir={tmp_path / 'cache'}",
+        "prepare.class_images.n=3", "prepare.class_images2.n=3", *small,
+    ]  # fmt: skip
+    cfg = compose_config("finetune_joint_toy", overrides, tmp_path / "run")
+    assert (cfg.model.learning_rate, cfg.model.token_learning_rate) == (2e-5, 2e-4)
+    assert cfg.data.train.aug is False and cfg.data.train.flip_p == 0
+    train(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").exists()
+    data = instantiate(cfg.data).train_set
+    for concept, word in zip(data.datasets, ("triangle", "square"), strict=True):
+        captions = [c for _, c in concept.regs]
+        assert len(captions) == 5, captions
+        assert captions.count(f"a photo of a {word}") >= 2, captions
+        assert all(word in c for c in captions), captions
 
 
 @pytest.mark.slow
