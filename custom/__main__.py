@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", nargs="+", help="rename the deltas' tokens (all, in order)")
     p.add_argument("--templates", nargs="+", help='target prompts, {} = "<token> <category>" '
                    '(default: the reference\'s "{}" and "a photo of {}")')  # fmt: skip
+    p.add_argument("--target-padding", type=int, default=0, metavar="K",
+                   help="also constrain K padding positions after each target prompt's end "
+                   "token (default 0: the reference)")  # fmt: skip
     p.add_argument("--report", help="report JSON (default: OUT with .json)")
     _base_args(p), _out(p)
     p = sub.add_parser("export", help="write a delta in another tool's format")
@@ -149,7 +152,7 @@ def _compose(args: argparse.Namespace) -> str:
     categories = [c.strip() for c in args.categories.split("+")]
     sources = json.dumps(args.src)
     merged, report = compose(deltas, base, categories, captions, args.n_reg, args.templates,
-                             composed_from=sources)  # fmt: skip
+                             args.target_padding, composed_from=sources)  # fmt: skip
     merged.save(out)
     report_path = Path(args.report) if args.report else out.with_suffix(".json")
     report_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -12,7 +12,10 @@ text as W0 does. C_tgt (M, D) are the features of each concept's prompts "<tok> 
 of V_tgt is ``W_i c_j`` with W_i the matrix of the delta concept i came from: W must map each
 concept's own words exactly as its fine-tuned model does. Rows shared between concepts (the
 causal encoder gives "a photo of" the same features in every prompt) are kept once, for the
-first concept. With G = C_reg^T C_reg and P = C_tgt G^-1 (Lagrange multipliers)::
+first concept. ``target_padding`` k > 0 (not the reference) also constrains the first k
+positions after each target prompt's end token: the padding, whose features under a causal
+encoder summarise the whole prompt and, on the toy base, carry the concept. With
+G = C_reg^T C_reg and P = C_tgt G^-1 (Lagrange multipliers)::
 
     W = W0 + (V_tgt^T - W0 C_tgt^T) (P C_tgt^T)^-1 P
 
@@ -50,9 +53,11 @@ def feature_start(caption: str) -> int:
     return 4 if "photo of a" in caption[:15] else 1
 
 
-def token_features(embedder: nn.Module, prompts: Sequence[str], batch: int = 32) -> list[Tensor]:
+def token_features(
+    embedder: nn.Module, prompts: Sequence[str], batch: int = 32, padding: int = 0
+) -> list[Tensor]:
     """Per prompt, the (n_i, D) last-hidden-state rows from :func:`feature_start` to the first
-    end token (inclusive), in float64."""
+    end token (inclusive) and ``padding`` positions more, in float64."""
     eos = embedder.tokenizer.eos_token_id
     out = []
     with torch.no_grad():
@@ -62,7 +67,7 @@ def token_features(embedder: nn.Module, prompts: Sequence[str], batch: int = 32)
             hidden = embedder.encode_ids(ids).double().cpu()
             for p, row_ids, h in zip(chunk, ids, hidden, strict=True):
                 end = int((row_ids == eos).nonzero()[0]) if (row_ids == eos).any() else len(ids)
-                out.append(h[feature_start(p) : end + 1])
+                out.append(h[feature_start(p) : end + 1 + padding])
     return out
 
 
@@ -120,12 +125,16 @@ def compose(
     reg_captions: Sequence[str],
     n_reg: int = N_REG,
     templates: Sequence[str] | None = None,
+    target_padding: int = 0,
     **fields: Any,
 ) -> tuple[Delta, dict[str, Any]]:
     """Merge full-valued ``deltas`` (their tokens in order, one category per token) on
     ``base``; returns the merged delta and the residual report. ``templates`` replace the
     reference's target prompts (:func:`target_prompts`): the causal text encoder gives a token
-    other features after another prefix, and only the constrained rows are kept exactly."""
+    other features after another prefix, and only the constrained rows are kept exactly.
+    ``target_padding``: see the module docstring."""
+    if target_padding < 0:
+        raise ValueError(f"target_padding must be >= 0, got {target_padding}")
     tokens = [t for d in deltas for t in d.tokens]
     if len(set(tokens)) != len(tokens):
         raise ValueError(f"the deltas' tokens repeat ({tokens}): rename them (--tokens)")
@@ -146,7 +155,7 @@ def compose(
     c_reg = torch.cat(token_features(embedder, captions))
     owner_of = [i for i, d in enumerate(deltas) for _ in d.tokens]
     per_token = [
-        torch.cat(token_features(embedder, target_prompts(t, c, templates)))
+        torch.cat(token_features(embedder, target_prompts(t, c, templates), padding=target_padding))
         for t, c in zip(tokens, categories, strict=True)
     ]
     all_rows = torch.cat(per_token)
@@ -182,6 +191,7 @@ def compose(
         "target_prompts": {
             t: target_prompts(t, c, templates) for t, c in zip(tokens, categories, strict=True)
         },
+        "target_padding": target_padding,
         "n_reg_captions": len(captions),
         "n_reg_rows": c_reg.shape[0],
         "n_target_rows": all_rows.shape[0],

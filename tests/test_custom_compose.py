@@ -95,6 +95,29 @@ def test_merge_keeps_each_concepts_targets(two_deltas):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_target_padding_constrains_positions_after_the_end_token(two_deltas):
+    base = tiny_base(0).eval()
+    deltas = [Delta.load(p) for p in two_deltas]
+    plain = compose(deltas, base, ["triangle", "circle"], CAPTIONS)[1]
+    merged, report = compose(deltas, base, ["triangle", "circle"], CAPTIONS, target_padding=2)
+    assert report["target_padding"] == 2 and plain["target_padding"] == 0
+    assert report["n_target_rows"] == plain["n_target_rows"] + 2 * 2 * 2  # concepts x prompts
+    assert report["max_target_residual"][TOKENS[0]] < 1e-5
+    model = tiny_base(0).eval()
+    apply_delta(model, (merged.tensors, merged.meta))
+    own = tiny_base(0).eval()
+    apply_delta(own, two_deltas[0])
+    emb = model.cond_stage_model
+    c = emb.encode_ids(emb.tokenize([f"{TOKENS[0]} triangle"]))[0].detach()
+    key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight"
+    w, w_own = model.state_dict()[key], own.state_dict()[key]
+    # positions 4-5 (the two after the end token) are met now, position 6 is not constrained
+    assert torch.allclose(c[4:6] @ w.T, c[4:6] @ w_own.T, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(c[6] @ w.T, c[6] @ w_own.T, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="target_padding"):
+        compose(deltas, base, ["triangle", "circle"], CAPTIONS, target_padding=-1)
+
+
 def test_cli_compose_writes_delta_and_report(two_deltas, tmp_path, capsys):
     from custom.__main__ import main
 
