@@ -11,12 +11,15 @@ Stages (each a real ``main.train`` run of a recipe, or the ``python -m custom`` 
    ``prior_concept_rate_reg`` (the mean over the seeds; ``*_per_seed`` beside them);
 3. ``real`` / ``noreg``: ``finetune_real`` (the captioned scenes only) and ``finetune_noreg`` on
    A with the same schedule -> ``prior_concept_rate_real``, ``prior_concept_rate_noreg``;
-4. ``compose``: ``finetune_toy`` on A and on concept B alone with the two-concept schedule
-   (below), then ``python -m custom compose`` of these two deltas (tokens renamed
-   ``<new1>``/``<new2>``, 200 generic toy-world captions as the regularization captions), with
-   the target prompts the concepts are sampled with ("a photo of a <new1> triangle", "a <new1>
-   triangle") -> ``compose_min_rate``, and with the reference's target prompts ->
-   ``compose_reference_prompts_min_rate``; ``*_generic_object_rate`` (and
+4. ``compose``: per ``--train-seeds`` seed, ``finetune_toy`` on A and on concept B alone with
+   the two-concept schedule (below), then ``python -m custom compose`` of these two deltas
+   (tokens renamed ``<new1>``/``<new2>``, 200 generic toy-world captions as the regularization
+   captions) three ways: the headline with the target prompt "a photo of a <new1> triangle"
+   and its first ``--compose-padding`` (8) positions after the end token constrained too
+   (``--target-padding``) -> ``compose_rates``, ``compose_min_rate`` (means over the seeds);
+   with both prompts the concepts are sampled with ("a photo of a <new1> triangle", "a <new1>
+   triangle") and no padding -> ``compose_both_prompts_*``; with the reference's target
+   prompts and no padding -> ``compose_reference_prompts_*``. ``*_generic_object_rate`` (and
    ``generic_object_rate_base``): how often the merged model (the base) still draws plain
    single-object prompts ("a photo of a red circle", one per shape) right;
 5. ``joint``: ``finetune_joint_toy`` (``finetune_joint`` with ``finetune_toy``'s pooled
@@ -195,6 +198,8 @@ def main() -> None:
                         help="two-concept stages' token base lr")  # fmt: skip
     parser.add_argument("--pair-aug", action="store_true",
                         help="keep the rescale augmentation in the two-concept stages")  # fmt: skip
+    parser.add_argument("--compose-padding", type=int, default=8,
+                        help="the headline merge's --target-padding")  # fmt: skip
     parser.add_argument("--joint-recipe", default="finetune_joint_toy",
                         help="joint stage recipe (finetune_joint: scenes only)")  # fmt: skip
     parser.add_argument("--lr", type=float, default=None, help="default: finetune_toy's")
@@ -248,6 +253,9 @@ def main() -> None:
         report.grid().save(out / f"grid_{tag}.png")
         return report.rates
 
+    def rate(model, concept, token, tag) -> float:
+        return evaluate(model, concept, token, ("concept",), tag)["concept_rate"]
+
     diag: dict[str, float] = {}
 
     def diagnose(model, token: str, tag: str) -> None:
@@ -294,45 +302,68 @@ def main() -> None:
                 result[f"text_align_rate_{tag}"] = r["text_align_rate"]
 
     if "compose" in stages:
-        # A and B alone with the two-concept schedule: the deltas compose merges.
-        pair_a = single("finetune_toy", a, "pair_a", pair_schedule)
-        delta_b = single("finetune_toy", b, "pair_b", pair_schedule)
-        result["concept_rate_a_pair"] = evaluate(with_delta(pair_a), a, "<new1>", ("concept",),
-                                                 "pair_a")["concept_rate"]  # fmt: skip
-        model_b = with_delta(delta_b)
-        result["concept_rate_b"] = evaluate(model_b, b, "<new1>", ("concept",), "pair_b")[
-            "concept_rate"
-        ]
-        diagnose(model_b, "<new1>", "single_b")
+        # Per training seed: A and B alone with the two-concept schedule, then merged three ways.
         captions = out / "compose_captions.txt"  # generic toy-world captions (held-out stream)
         captions.write_text("\n".join(make_example(i, seed=7).caption for i in range(200)) + "\n")
         words = f"{CONCEPTS[a].class_word}+{CONCEPTS[b].class_word}"
-        base = load_model(None, "toy")
-        result["generic_object_rate_base"] = generic_object_rate(base, judge, args.seeds)
-        # Target prompts as the concepts are prompted ("a photo of a <new1> triangle"), and the
-        # reference's ("<new1> triangle", "a photo of <new1> triangle") for comparison.
-        ours = [t.format("a {}") for t in metrics.CONCEPT_TEMPLATES]
-        for tag, templates in (("", ours), ("_reference_prompts", [])):
-            merged = out / "compose" / f"merged{tag}.safetensors"
-            merged.parent.mkdir(exist_ok=True)
-            cli("compose", str(pair_a), str(delta_b), "-o", str(merged), "--categories", words,
-                "--reg-captions", str(captions), "--tokens", "<new1>", "<new2>",
-                *(["--templates", *templates] if templates else []))  # fmt: skip
-            report = json.loads(merged.with_suffix(".json").read_text())
-            model = with_delta(merged)
-            ra = evaluate(model, a, "<new1>", ("concept",), f"compose{tag}_a")["concept_rate"]
-            rb = evaluate(model, b, "<new2>", ("concept",), f"compose{tag}_b")["concept_rate"]
-            result[f"compose{tag}_rates"] = [ra, rb]
-            result[f"compose{tag}_min_rate"] = min(ra, rb)
-            result[f"compose{tag}_max_constraint_residual"] = max(
-                report["max_constraint_residual"].values()
-            )
-            result[f"compose{tag}_max_reg_rel_change"] = report["max_reg_rel_change"]
-            generic = generic_object_rate(model, judge, args.seeds)
-            result[f"compose{tag}_generic_object_rate"] = generic
-            if not tag:
-                result["compose_target_prompts"] = ours
-                diagnose(model, "<new2>", "compose_b")
+        result["generic_object_rate_base"] = generic_object_rate(load_model(None, "toy"), judge,
+                                                                 args.seeds)  # fmt: skip
+        # The prompts the concepts are sampled with: "a photo of a {}", "a {}".
+        sampling = [t.format("a {}") for t in metrics.CONCEPT_TEMPLATES]
+        settings = {  # name: (target prompts, target padding)
+            "": (sampling[:1], args.compose_padding),
+            "_both_prompts": (sampling, 0),
+            "_reference_prompts": ([], 0),
+        }
+        runs: dict[str, list[dict]] = {name: [] for name in settings}
+        alone = []
+        for seed in train_seeds:
+            sfx = "" if seed == 0 else f"_seed{seed}"
+            sched = [*pair_schedule, f"seed={seed}"]
+            pair_a = single("finetune_toy", a, f"pair_a{sfx}", sched)
+            pair_b = single("finetune_toy", b, f"pair_b{sfx}", sched)
+            model_b = with_delta(pair_b)
+            alone.append([
+                rate(with_delta(pair_a), a, "<new1>", f"pair_a{sfx}"),
+                rate(model_b, b, "<new1>", f"pair_b{sfx}"),
+            ])  # fmt: skip
+            if seed == train_seeds[0]:
+                diagnose(model_b, "<new1>", "single_b")
+            for name, (templates, padding) in settings.items():
+                merged = out / "compose" / f"merged{name}{sfx}.safetensors"
+                merged.parent.mkdir(exist_ok=True)
+                cli("compose", str(pair_a), str(pair_b), "-o", str(merged), "--categories", words,
+                    "--reg-captions", str(captions), "--tokens", "<new1>", "<new2>",
+                    "--target-padding", str(padding), "--overwrite",
+                    *(["--templates", *templates] if templates else []))  # fmt: skip
+                report = json.loads(merged.with_suffix(".json").read_text())
+                model = with_delta(merged)
+                runs[name].append({
+                    "rates": [
+                        rate(model, a, "<new1>", f"compose{name}{sfx}_a"),
+                        rate(model, b, "<new2>", f"compose{name}{sfx}_b"),
+                    ],
+                    "generic": generic_object_rate(model, judge, args.seeds),
+                    "residual": max(report["max_constraint_residual"].values()),
+                    "reg_change": report["max_reg_rel_change"],
+                })  # fmt: skip
+                if not name and seed == train_seeds[0]:
+                    diagnose(model, "<new2>", "compose_b")
+        mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
+        result["concept_rate_a_pair"] = mean([r[0] for r in alone])
+        result["concept_rate_b"] = mean([r[1] for r in alone])
+        result["concept_rates_pair_per_seed"] = alone
+        for name, rs in runs.items():
+            rates = [mean([r["rates"][i] for r in rs]) for i in range(2)]
+            result[f"compose{name}_rates"] = rates
+            result[f"compose{name}_rates_per_seed"] = [r["rates"] for r in rs]
+            result[f"compose{name}_min_rate"] = min(rates)
+            result[f"compose{name}_generic_object_rate"] = mean([r["generic"] for r in rs])
+            result[f"compose{name}_max_constraint_residual"] = max(r["residual"] for r in rs)
+            result[f"compose{name}_max_reg_rel_change"] = max(r["reg_change"] for r in rs)
+            templates, padding = settings[name]
+            result[f"compose{name}_settings"] = {"templates": templates or "reference",
+                                                 "target_padding": padding}  # fmt: skip
 
     if "joint" in stages:
         # As the reg stage: the mean over the training seeds, each seed's rates beside it.
@@ -342,8 +373,8 @@ def main() -> None:
             overrides = [*joint_overrides(args.joint_recipe, a, b), *pair_schedule, f"seed={seed}"]
             model = with_delta(train_recipe(args.joint_recipe, overrides, out / tag))
             per_seed.append([
-                evaluate(model, a, "<new1>", ("concept",), f"{tag}_a")["concept_rate"],
-                evaluate(model, b, "<new2>", ("concept",), f"{tag}_b")["concept_rate"],
+                rate(model, a, "<new1>", f"{tag}_a"),
+                rate(model, b, "<new2>", f"{tag}_b"),
             ])  # fmt: skip
             if seed == train_seeds[0]:
                 diagnose(model, "<new2>", "joint_b")
