@@ -51,8 +51,8 @@ at guidance 5, which the judge reads as the "blue and yellow square" near miss (
 0.0-0.19 at 800 steps, yellower with more). Without it B reaches 0.66 at 800 steps and 0.91 at
 1600 (A 1.0 and 0.97) -- but the tokens stop obeying colour words (A's text alignment 0.33-0.38,
 colours 0.0), so the single-concept stages (``concept_rate``, ``text_align_rate``, compress)
-keep it. With the pooled regularization this fixes B jointly trained with A too; compose
-still misses (README). B is also
+keep it. With the pooled regularization (``finetune_joint_toy``) B also survives joint training
+with A, and with the padding rows (``--compose-padding``) the merge (README). B is also
 scored at guidance ``--diag-guidance`` (3), a diagnostic only.
 Runs are reused when their folder under ``--out`` already holds a delta. The last stdout line
 is one JSON object.
