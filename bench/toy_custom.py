@@ -123,6 +123,11 @@ def train_recipe(recipe: str, overrides: list[str], out: Path) -> Path:
     return delta
 
 
+def mean(values: list[float]) -> float:
+    """The mean over training seeds, as the JSON reports it."""
+    return round(sum(values) / len(values), 4)
+
+
 def no_flip(*names: str) -> list[str]:
     """A two-tone concept is left/right: a flipped image would teach a different object."""
     return ["data.train.flip_p=0"] if any(CONCEPTS[n].pattern == "twotone" for n in names) else []
@@ -143,9 +148,7 @@ def concept_overrides(recipe: str, name: str) -> list[str]:
     return out
 
 
-def joint_overrides(recipe: str, a: str, b: str) -> list[str]:
-    """Point a two-concept recipe (and its generated class images, if any) at ``a`` and ``b``."""
-    generated = "gen_images" in compose_config(recipe, [], ROOT / "logs").prepare
+def joint_overrides(a: str, b: str) -> list[str]:
     out = []
     for i, (name, suffix) in enumerate(((a, ""), (b, "2"))):
         word = CONCEPTS[name].class_word
@@ -154,8 +157,6 @@ def joint_overrides(recipe: str, a: str, b: str) -> list[str]:
             f"prepare.class_images{suffix}.class_word={word}",
             f'data.train.concepts.{i}.instance_prompt="a photo of a <new{i + 1}> {word}"',
         ]
-        if generated:
-            out.append(f'prepare.gen_images{suffix}.prompt="a photo of a {word}"')
     return out + no_flip(a, b)
 
 
@@ -290,7 +291,7 @@ def main() -> None:
         for key in keys:
             name = "prior_concept_rate_reg" if key == "class_concept_rate" else key
             values = [r[key] for r in runs]
-            result[name] = round(sum(values) / len(values), 4)
+            result[name] = mean(values)
             result[f"{name}_per_seed"] = values
 
     for recipe, tag in (("finetune_real", "real"), ("finetune_noreg", "noreg")):
@@ -349,7 +350,6 @@ def main() -> None:
                 })  # fmt: skip
                 if not name and seed == train_seeds[0]:
                     diagnose(model, "<new2>", "compose_b")
-        mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
         result["concept_rate_a_pair"] = mean([r[0] for r in alone])
         result["concept_rate_b"] = mean([r[1] for r in alone])
         result["concept_rates_pair_per_seed"] = alone
@@ -370,7 +370,7 @@ def main() -> None:
         per_seed = []
         for seed in train_seeds:
             tag = "joint" if seed == 0 else f"joint_seed{seed}"
-            overrides = [*joint_overrides(args.joint_recipe, a, b), *pair_schedule, f"seed={seed}"]
+            overrides = [*joint_overrides(a, b), *pair_schedule, f"seed={seed}"]
             model = with_delta(train_recipe(args.joint_recipe, overrides, out / tag))
             per_seed.append([
                 rate(model, a, "<new1>", f"{tag}_a"),
@@ -378,7 +378,7 @@ def main() -> None:
             ])  # fmt: skip
             if seed == train_seeds[0]:
                 diagnose(model, "<new2>", "joint_b")
-        means = [round(sum(r[i] for r in per_seed) / len(per_seed), 4) for i in range(2)]
+        means = [mean([r[i] for r in per_seed]) for i in range(2)]
         result["joint_rates"] = means
         result["joint_rates_per_seed"] = per_seed
         result["joint_min_rate"] = min(means)
