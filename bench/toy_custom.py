@@ -123,6 +123,11 @@ def train_recipe(recipe: str, overrides: list[str], out: Path) -> Path:
     return delta
 
 
+def seed_suffix(seed: int) -> str:
+    """How a run's folder and grids name its training seed: nothing for seed 0."""
+    return "" if seed == 0 else f"_seed{seed}"
+
+
 def mean(values: list[float]) -> float:
     """The mean over training seeds, as the JSON reports it."""
     return round(sum(values) / len(values), 4)
@@ -270,7 +275,7 @@ def main() -> None:
 
     def reg_run(seed: int) -> tuple[Path, str]:
         """``finetune_toy`` on A with training seed ``seed``; seed 0's delta is also compressed."""
-        tag = "reg_a" if seed == 0 else f"reg_a_seed{seed}"
+        tag = f"reg_a{seed_suffix(seed)}"
         return single("finetune_toy", a, tag, [*schedule, f"seed={seed}"]), tag
 
     if "base" in stages:
@@ -319,7 +324,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {name: [] for name in settings}
         alone = []
         for seed in train_seeds:
-            sfx = "" if seed == 0 else f"_seed{seed}"
+            sfx = seed_suffix(seed)
             sched = [*pair_schedule, f"seed={seed}"]
             pair_a = single("finetune_toy", a, f"pair_a{sfx}", sched)
             pair_b = single("finetune_toy", b, f"pair_b{sfx}", sched)
@@ -369,7 +374,7 @@ def main() -> None:
         # As the reg stage: the mean over the training seeds, each seed's rates beside it.
         per_seed = []
         for seed in train_seeds:
-            tag = "joint" if seed == 0 else f"joint_seed{seed}"
+            tag = f"joint{seed_suffix(seed)}"
             overrides = [*joint_overrides(a, b), *pair_schedule, f"seed={seed}"]
             model = with_delta(train_recipe(args.joint_recipe, overrides, out / tag))
             per_seed.append([
