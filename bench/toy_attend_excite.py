@@ -48,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from attend_excite import AttendExcite  # noqa: E402
-from ldm import load_model  # noqa: E402
+from ldm import load_model, resolve_model_config  # noqa: E402
 from ldm.generate import generate  # noqa: E402
 from ldm.image_io import make_grid, to_pil  # noqa: E402
 from toyworld import COLOURS, SHAPES  # noqa: E402
@@ -131,7 +131,8 @@ def ae_settings(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default=None, help="default: the toy config's shipped weights")
+    parser.add_argument("--ckpt", default=None, help="default: the model config's shipped weights")
+    parser.add_argument("--config", default="toy", help="model config: toy (8x8 latents), toy64")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--first", type=int, default=0, help="index of the first prompt")
     parser.add_argument("--seeds", type=int, default=8)
@@ -156,7 +157,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
 
-    model = load_model(args.ckpt, config="toy") if args.ckpt else load_model(None, "toy")
+    model = load_model(args.ckpt, config=args.config)
     judge = Judge.load()
     if bool(args.delta) != bool(args.concept):
         parser.error("--delta and --concept go together")
@@ -207,7 +208,8 @@ def main() -> None:
         "seconds_ae": round(t_ae, 1),
         "mean_last_ae_loss": round(sum(losses) / len(losses), 4),
         "n_images": len(truth),
-        "ckpt": args.ckpt or "models/toy/toy_base.safetensors",
+        "config": args.config,
+        "ckpt": args.ckpt or resolve_model_config(args.config)["ckpt"],
         "words": args.words,
         "delta": args.delta,
         "concept": args.concept,

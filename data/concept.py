@@ -13,8 +13,9 @@ One concept is a dict in the reference ``--concepts_list`` JSON format::
 epoch of 2N items: N regularization images and N target items (targets cycled), shuffled into
 random batches, so on average half a batch is regularization. Every item enters the same
 per-sample loss (masked targets normalised by their own mask area), so the **prior weight is
-1**, like the reference's CompVis code. Without regularization images the epoch is the targets
-``repeat`` times (``repeat=0`` means once).
+1**, like the reference's CompVis code. ``prior_loss_weight`` scales the regularization items'
+losses (each item carries a ``loss_weight``), as DreamBooth's ``--prior_loss_weight`` does.
+Without regularization images the epoch is the targets ``repeat`` times (``repeat=0``: once).
 
 Several concepts (joint training) are interleaved with equal counts per epoch; the reference
 splits every batch exactly in half and sums the two means, which has the same expected gradient
@@ -73,6 +74,7 @@ class ConceptDataset(Dataset):
         class_data_dir: regularization images (a folder or a list of folders), or None.
         aug: the random-rescale augmentation on target images.
         repeat: epoch = targets x repeat when there are no regularization images.
+        prior_loss_weight: loss weight of regularization items (targets: 1; reference: 1).
         seed: a private RNG for the augmentation; None uses ``random`` (seeded per worker).
     """
 
@@ -86,8 +88,11 @@ class ConceptDataset(Dataset):
         aug: bool = True,
         flip_p: float = 0.5,
         repeat: int = 0,
+        prior_loss_weight: float = 1.0,
         seed: int | None = None,
     ) -> None:
+        if prior_loss_weight < 0:
+            raise ValueError(f"prior_loss_weight must be >= 0, got {prior_loss_weight}")
         self.targets = _image_list(instance_data_dir, instance_prompt)
         self.regs: list[tuple[Path, str]] = []
         if isinstance(class_data_dir, str | Path):
@@ -98,6 +103,7 @@ class ConceptDataset(Dataset):
         self.aug = aug
         self.flip_p = flip_p
         self.repeat = repeat
+        self.prior_loss_weight = prior_loss_weight
         self.rng = random.Random(seed) if seed is not None else random
         counts = len(self.targets), len(self.regs)
         log.info("concept %r: %d target, %d regularization images", instance_prompt, *counts)
@@ -128,6 +134,7 @@ class ConceptDataset(Dataset):
             "image": torch.from_numpy(s.image),
             "mask": torch.from_numpy(s.mask),
             "caption": s.caption,
+            "loss_weight": self.prior_loss_weight if self.is_regularization(i) else 1.0,
         }
 
 
@@ -164,7 +171,8 @@ def concept_dataset(
     """One :class:`ConceptDataset` per concept (``concepts``, or the JSON ``concepts_list``,
     which takes precedence), interleaved when there are several.
 
-    ``options`` (``size``, ``aug``, ``flip_p``, ``repeat``, ``seed``) apply to every concept.
+    ``options`` (``size``, ``aug``, ``flip_p``, ``repeat``, ``prior_loss_weight``, ``seed``)
+    apply to every concept.
     """
     items = read_concepts_list(concepts_list) if concepts_list else list(concepts or [])
     if not items:

@@ -20,8 +20,20 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
+def _load_yaml(path: Path):
+    """A model YAML; a Hydra ``defaults: [name, _self_]`` list (another config of
+    ``configs/model/`` under this one, as ``toy64`` extends ``toy``) is merged the same way."""
+    cfg = OmegaConf.load(path)
+    bases = cfg.pop("defaults", None) or []
+    if any(not isinstance(b, str) for b in bases) or "_self_" in bases[:-1]:
+        raise ValueError(f"{path}: defaults may only list model configs, then _self_")
+    parents = [_load_yaml(CONFIG_DIR / f"{b}.yaml") for b in bases if b != "_self_"]
+    return OmegaConf.merge(*parents, cfg)
+
+
 def resolve_model_config(config: str | Path | dict) -> dict[str, Any]:
-    """A config name (``sd15``, ``tiny``, ``toy``), a YAML path or a mapping -> flat dict."""
+    """A config name (``sd15``, ``tiny``, ``toy``, ``toy64``), a YAML path or a mapping -> flat
+    dict."""
     from ldm.convert import normalize_model_config
 
     if isinstance(config, str | Path):
@@ -33,7 +45,7 @@ def resolve_model_config(config: str | Path | dict) -> dict[str, Any]:
                 raise FileNotFoundError(f"no model config named {config!r}; known: {names}")
         elif not path.exists():
             raise FileNotFoundError(f"model config not found: {path}")
-        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        config = OmegaConf.to_container(_load_yaml(path), resolve=True)
     elif not isinstance(config, dict):
         config = OmegaConf.to_container(config, resolve=True)
     return normalize_model_config(config)

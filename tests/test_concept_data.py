@@ -113,6 +113,16 @@ def test_targets_and_regularization_mix_half_half(folders):
     assert prefixes == {"", *SMALL_PREFIXES, *LARGE_PREFIXES}
 
 
+def test_prior_loss_weight_marks_regularization_items(folders):
+    targets, regs = folders
+    ds = ConceptDataset(PROMPT, targets, None, regs, size=SIZE, seed=0)
+    assert [ds[i]["loss_weight"] for i in range(6)] == [1.0] * 6  # the reference: weight 1
+    ds = ConceptDataset(PROMPT, targets, None, regs, size=SIZE, prior_loss_weight=0.5, seed=0)
+    assert [ds[i]["loss_weight"] for i in range(6)] == [0.5] * 3 + [1.0] * 3
+    with pytest.raises(ValueError, match="prior_loss_weight"):
+        ConceptDataset(PROMPT, targets, None, regs, size=SIZE, prior_loss_weight=-1)
+
+
 def test_plain_folder_regularization_uses_class_prompt(folders, tmp_path):
     targets, _ = folders
     plain_regs = tmp_path / "plain"

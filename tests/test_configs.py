@@ -30,6 +30,23 @@ def test_model_configs_instantiate(model, tmp_path):
     assert instance.model.diffusion_model.model_channels > 0
 
 
+def test_model_config_defaults_merge_the_same_in_hydra_and_load_model(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ldm import resolve_model_config
+
+    hydra = OmegaConf.to_container(compose_config("train", ["model=toy64"], tmp_path).model)
+    plain = resolve_model_config("toy64")
+    toy = resolve_model_config("toy")
+    assert plain["image_size"] == hydra["image_size"] == 16
+    assert plain["ckpt"] == hydra["ckpt"] == "models/toy64/toy64_base.safetensors"
+    assert {k for k in toy if toy[k] != plain[k]} == {"image_size", "ckpt"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults:\n  - _self_\n  - toy\nimage_size: 4\n")
+    with pytest.raises(ValueError, match="defaults"):
+        resolve_model_config(bad)
+
+
 def test_trainer_and_data_instantiate(tmp_path):
     cfg = compose_config(
         "train", ["model=tiny", "trainer=ddp", "trainer.accelerator=cpu"], tmp_path

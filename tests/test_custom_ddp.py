@@ -69,11 +69,11 @@ class SampleSeededCustomDiffusion(CustomDiffusion):
     def get_first_stage_encoding(self, posterior, generator=None):
         return self.scale_factor * posterior.mode()
 
-    def p_losses(self, x0, cond, t, noise=None, mask=None):
+    def p_losses(self, x0, cond, t, noise=None, mask=None, weight=None):
         gens = [torch.Generator().manual_seed(10_000 * self.global_step + i) for i in self._indices]
         t = torch.stack([torch.randint(0, self.num_timesteps, (), generator=g) for g in gens])
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
-        return super().p_losses(x0, cond, t.to(x0.device), noise.to(x0), mask)
+        return super().p_losses(x0, cond, t.to(x0.device), noise.to(x0), mask, weight)
 
 
 def overrides(tmp_path, base, batch_size: int) -> list[str]:

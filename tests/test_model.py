@@ -85,6 +85,25 @@ def test_masked_loss_is_normalised_by_mask_area(tiny_model):
     assert tiny_model.export_metadata() == {}
 
 
+def test_loss_weight_scales_each_sample(tiny_model):
+    z = torch.randn(2, 4, 8, 8)
+    c = tiny_model.get_learned_conditioning(["a", "b"])
+    t = torch.tensor([10, 500])
+    noise = torch.randn_like(z)
+    plain, out = tiny_model.p_losses(z, c, t, noise=noise)
+    ones, _ = tiny_model.p_losses(z, c, t, noise=noise, weight=torch.ones(2))
+    torch.testing.assert_close(plain, ones)
+    err = ((out["eps"] - noise) ** 2).flatten(1).mean(1)
+    weighted, _ = tiny_model.p_losses(z, c, t, noise=noise, weight=torch.tensor([1.0, 0.25]))
+    torch.testing.assert_close(weighted, (err[0] + 0.25 * err[1]) / 2)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4, :] = 1
+    weight = torch.tensor([0.0, 2.0])
+    masked, _ = tiny_model.p_losses(z, c, t, noise=noise, mask=mask, weight=weight)
+    per = ((out["eps"] - noise) ** 2)[..., :4, :].flatten(1).mean(1)
+    torch.testing.assert_close(masked, per[1])
+
+
 def test_training_step_updates_only_unet(tiny_model):
     opt = torch.optim.SGD(tiny_model.trainable_parameters(), lr=0.1)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
@@ -146,3 +165,28 @@ def test_ema_tracks_unet_and_is_exported():
     # The EMA lies strictly between the start and the trained weights, and training resumes intact.
     assert not torch.equal(ema, trained[key]) and not torch.equal(ema, start[key])
     assert torch.equal(model.model.state_dict()[key], trained[key])
+
+
+def test_lr_scheduler_steps_every_optimizer_step(tmp_path):
+    """``model.lr_scheduler`` is stepped per step (an epoch here is 8 steps), as written."""
+    from functools import partial
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from toyworld.dataset import ToyWorldDataset
+
+    sched = partial(torch.optim.lr_scheduler.LinearLR, start_factor=1.0, end_factor=0.0,
+                    total_iters=4)  # fmt: skip
+    model = build_model("tiny", learning_rate=0.1, lr_scheduler=sched)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = pl.Trainer(max_steps=3, callbacks=[Record()], logger=False, accelerator="cpu",
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, DataLoader(ToyWorldDataset(length=16), batch_size=2))
+    assert seen == pytest.approx([0.1, 0.075, 0.05])

@@ -249,20 +249,25 @@ class LatentDiffusion(pl.LightningModule):
         t: Tensor,
         noise: Tensor | None = None,
         mask: Tensor | None = None,
+        weight: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Epsilon MSE; with a (B, 1, h, w) mask, each sample's masked squared error is normalised
         by its own mask area before the batch mean (as Custom Diffusion does), so a sample counts
-        the same whatever its area; an all-ones mask gives the plain mean."""
+        the same whatever its area; an all-ones mask gives the plain mean. ``weight`` (B,) scales
+        each sample's loss in that mean (e.g. a prior-preservation weight); None means all 1."""
         noise = torch.randn_like(x0) if noise is None else noise
         eps = self.apply_model(self.q_sample(x0, t, noise), t, cond)
         err = (eps.float() - noise.float()) ** 2
+        if mask is None and weight is None:
+            return err.mean(), {"eps": eps, "noise": noise}
         if mask is None:
-            loss = err.mean()
+            per_sample = err.flatten(1).mean(1)
         else:
             mask = mask.to(err.dtype).expand_as(err)
             per_sample = (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
-            loss = per_sample.mean()
-        return loss, {"eps": eps, "noise": noise}
+        if weight is not None:
+            per_sample = per_sample * weight.to(per_sample)
+        return per_sample.mean(), {"eps": eps, "noise": noise}
 
     def get_input(self, batch: Mapping[str, Any]) -> tuple[Tensor, list[str]]:
         """Images (B, H, W, C) in [-1, 1] -> scaled latents; captions as a list."""
@@ -281,7 +286,8 @@ class LatentDiffusion(pl.LightningModule):
         z, captions = self.get_input(batch)
         cond = self.conditioning(batch, captions)
         t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device)
-        loss, out = self.p_losses(z, cond, t, mask=self.batch_mask(batch, z))
+        mask, weight = self.batch_mask(batch, z), batch.get("loss_weight")
+        loss, out = self.p_losses(z, cond, t, mask=mask, weight=weight)
         logs = {"loss_simple": loss.detach()}
         for name, value in self.extra_losses(batch, out).items():
             loss = loss + value
@@ -379,7 +385,9 @@ class LatentDiffusion(pl.LightningModule):
         opt = factory(params, lr=lr)
         if self.lr_scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": self.lr_scheduler_factory(opt)}
+        # Stepped every optimizer step: schedules are written in steps (e.g. total_iters=max_steps).
+        scheduler = {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}
+        return {"optimizer": opt, "lr_scheduler": scheduler}
 
     # --------------------------------------------------------------- weights
     def load_weights(self, path: str, strict: bool = False) -> None:
