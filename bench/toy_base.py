@@ -6,7 +6,7 @@ on fresh generator images and on their VAE reconstructions. Last stdout line: JS
 ``color_acc``, ``shape_acc``, ``object_acc``, ``both_objects_rate``, ``judge_acc_clean``,
 ``judge_acc_recon``.
 
-    python bench/toy_base.py [--ckpt PATH] [--seeds 8] [--grid logs/toy_base_grid.png]
+    python bench/toy_base.py [--config toy64] [--ckpt PATH] [--seeds 8] [--grid PNG]
 """
 
 from __future__ import annotations
@@ -63,8 +63,13 @@ def sample_all(model, prompts: list[str], seeds: int) -> torch.Tensor:
     )  # fmt: skip
 
 
+def pixel_size(model) -> int:
+    """Image side in pixels: the latent side times the autoencoder's downsampling."""
+    return model.image_size * 2 ** (len(model.first_stage_model.encoder.down) - 1)
+
+
 def judge_accuracy(model, judge: Judge, n: int) -> tuple[dict, dict]:
-    examples = [make_example(i, seed=987_654) for i in range(n)]
+    examples = [make_example(i, seed=987_654, size=pixel_size(model)) for i in range(n)]
     examples = [e for e in examples if len(e.objects) <= 2]
     x = from_pil([e.image for e in examples])
     objects = [e.objects for e in examples]
@@ -76,7 +81,8 @@ def judge_accuracy(model, judge: Judge, n: int) -> tuple[dict, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default=None, help="default: the toy config's shipped weights")
+    parser.add_argument("--ckpt", default=None, help="default: the model config's shipped weights")
+    parser.add_argument("--config", default="toy", help="model config: toy (32 px), toy64")
     parser.add_argument("--single", type=int, default=12)
     parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--seeds", type=int, default=8)
@@ -86,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = load_model(args.ckpt, config="toy") if args.ckpt else load_model(None, "toy")
+    model = load_model(args.ckpt, config=args.config)
     judge = Judge.load()
 
     singles = single_prompts(args.single)
@@ -126,6 +132,7 @@ def main() -> None:
         "n_single": n,
         "n_pairs": len(ptruth),
         "guidance_scale": GUIDANCE,
+        "config": args.config,
         "grid": str(grid_path),
         "single_prompts": prompts,
         "pair_prompts": pair_text,

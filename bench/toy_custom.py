@@ -10,7 +10,8 @@ Stages (each a real ``main.train`` run of a recipe, or the ``python -m custom`` 
    captions), once per ``--train-seeds`` seed -> ``concept_rate``, ``text_align_rate``,
    ``prior_concept_rate_reg`` (the mean over the seeds; ``*_per_seed`` beside them);
 3. ``real`` / ``noreg``: ``finetune_real`` (the captioned scenes only) and ``finetune_noreg`` on
-   A with the same schedule -> ``prior_concept_rate_real``, ``prior_concept_rate_noreg``;
+   A with the same schedule (steps, rates and ``finetune_toy``'s lr decay) ->
+   ``prior_concept_rate_real``, ``prior_concept_rate_noreg``;
 4. ``compose``: per ``--train-seeds`` seed, ``finetune_toy`` on A and on concept B alone with
    the two-concept schedule (below), then ``python -m custom compose`` of these two deltas
    (tokens renamed ``<new1>``/``<new2>``, 200 generic toy-world captions as the regularization
@@ -35,10 +36,11 @@ Stages (each a real ``main.train`` run of a recipe, or the ``python -m custom`` 
    the reference rule, fixed in advance.
 
 ``*_min_rate`` is the smaller of the two concepts' rates on their own prompts. The two-concept
-stages use their own schedule: ``--pair-steps`` 1600, the K/V at a tenth of the single-concept
-rate and the token rows at ten times the K/V one (``--pair-lr`` 2e-5, ``--pair-token-lr`` 2e-4: a
-merge keeps generic captions' K/V outputs at the base's, so deltas that carry the concept in the
-token row rather than in K/V survive it better; README), and no rescale
+stages use their own schedule: ``--pair-steps`` 1600 at a constant lr, the K/V at a tenth of
+the single-concept rate and the token rows at ten times the K/V one (``--pair-lr`` 2e-5,
+``--pair-token-lr`` 2e-4: a merge keeps generic captions' K/V outputs at the base's, so deltas
+that carry the concept in the token row rather than in K/V survive it better; README), and no
+rescale
 augmentation (``data.train.aug=false``; ``--pair-aug`` keeps it). B is the two-tone
 ``twotone_square``: besides A, the judge sees only the two-tone concepts through the toy
 autoencoder (it finds the dotted concepts in 0% and ``striped_circle`` in 9% of perfect VAE
@@ -57,7 +59,7 @@ scored at guidance ``--diag-guidance`` (3), a diagnostic only.
 Runs are reused when their folder under ``--out`` already holds a delta. The last stdout line
 is one JSON object.
 
-    python bench/toy_custom.py [--seeds 16] [--train-seeds 0,1,2] [--steps 1200] [--lr 2e-4]
+    python bench/toy_custom.py [--seeds 16] [--train-seeds 0,1,2] [--steps 2400] [--lr 2e-4]
         [--token-lr 1e-4] [--pair-steps 1600] [--pair-lr 2e-5] [--pair-token-lr 2e-4]
         [--out logs/toy_custom]
 """
@@ -78,6 +80,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from custom.__main__ import main as custom_cli  # noqa: E402
 from custom.compress import nbytes  # noqa: E402
@@ -105,6 +108,17 @@ def compose_config(name: str, overrides: list[str], output_dir: Path):
     cfg.hydra.runtime.cwd = str(ROOT)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def lr_scheduler_override(cfg) -> str:
+    """``model.lr_scheduler=...`` carrying ``cfg``'s schedule (interpolations kept) to the
+    recipes that train on finetune_toy's schedule (finetune_real, finetune_noreg)."""
+    sched = cfg.model.get("lr_scheduler")
+    if sched is None:
+        return "model.lr_scheduler=null"
+    items = OmegaConf.to_container(sched, resolve=False).items()
+    value = ",".join(f"{k}:{str(v).lower() if isinstance(v, bool) else v}" for k, v in items)
+    return f"model.lr_scheduler={{{value}}}"
 
 
 def train_recipe(recipe: str, overrides: list[str], out: Path) -> Path:
@@ -237,13 +251,13 @@ def main() -> None:
     rates = [f"model.learning_rate={lr}"]
     if token_lr is not None:  # null in the recipe: the K/V rate, as the reference trains
         rates.append(f"model.token_learning_rate={token_lr}")
-    schedule = [f"trainer.max_steps={steps}", *rates, *args.extra]
+    schedule = [f"trainer.max_steps={steps}", *rates, lr_scheduler_override(toy), *args.extra]
     # The two-concept stages (joint, and the single deltas compose merges): their own steps and
     # rates, and no rescale augmentation (see the docstring).
     pair_steps = args.pair_steps
     pair_rates = [f"model.learning_rate={args.pair_lr}",
                   f"model.token_learning_rate={args.pair_token_lr}"]  # fmt: skip
-    pair_schedule = [f"trainer.max_steps={pair_steps}", *pair_rates,
+    pair_schedule = [f"trainer.max_steps={pair_steps}", *pair_rates, "model.lr_scheduler=null",
                      f"data.train.aug={str(args.pair_aug).lower()}", *args.extra]  # fmt: skip
 
     t0 = time.perf_counter()

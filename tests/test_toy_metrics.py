@@ -164,6 +164,7 @@ def test_finetune_toy_pools_both_regularization_sets(tmp_path):
     ]  # fmt: skip
     cfg = compose_config("finetune_toy", overrides, tmp_path / "run")
     assert cfg.model._target_ == "custom.model.CustomDiffusion" and cfg.model.mask_margin is None
+    assert cfg.model.lr_scheduler.total_iters == 2  # the linear decay ends with the run
     train(cfg)
     assert (tmp_path / "run" / "checkpoints" / "last.safetensors").exists()
     data = instantiate(cfg.data).train_set
@@ -201,16 +202,17 @@ def test_finetune_joint_toy_pools_regularization_per_concept(tmp_path):
 
 @pytest.mark.slow
 def test_custom_diffusion_learns_a_toy_concept(tmp_path):
-    """A reduced bench/toy_custom.py (about 2 min on a free CPU): finetune_toy with 50 generated
-    regularization images and half the steps; the token then draws the concept far more often
-    than the plain class word does on the base, and the plain class word still does not."""
+    """A reduced bench/toy_custom.py (about 3 min on a free CPU): finetune_toy with 50 generated
+    regularization images and half the steps (its lr decays over them); the token then draws the
+    concept far more often than the plain class word does on the base, and the plain class word
+    still does not."""
     from custom.delta import apply_delta
     from ldm import load_model
     from main import train
 
     torch.set_num_threads(1)
     overrides = [
-        "trainer.max_steps=600", "prepare.class_images.n=50", "prepare.real_images.n=50",
+        "trainer.max_steps=1200", "prepare.class_images.n=50", "prepare.real_images.n=50",
         "callbacks.log_samples=null", "callbacks.toy_eval=null", "logger=null",
         f"paths.cache_dir={tmp_path / 'cache'}", "+trainer.enable_progress_bar=false",
     ]  # fmt: skip
@@ -244,7 +246,8 @@ def test_compose_keeps_a_concept_only_with_its_padding_rows(tmp_path):
     overrides = [
         "concept=twotone_square", "class_word=square", "data.train.flip_p=0",
         "data.train.aug=false", "model.learning_rate=2e-5", "model.token_learning_rate=2e-4",
-        "trainer.max_steps=1600", "prepare.class_images.n=50", "prepare.real_images.n=50",
+        "model.lr_scheduler=null", "trainer.max_steps=1600", "prepare.class_images.n=50",
+        "prepare.real_images.n=50",
         "callbacks.log_samples=null", "callbacks.toy_eval=null", "logger=null",
         f"paths.cache_dir={tmp_path / 'cache'}", "+trainer.enable_progress_bar=false",
     ]  # fmt: skip
