@@ -26,7 +26,10 @@ prompts put the concept beside a second object, "a <new1> triangle and a blue sq
 excited are ``<new1>`` and the second shape, and "both" means the judge finds the concept and the
 second object.
 
-    python bench/toy_attend_excite.py [--ckpt PATH] [--prompts 20] [--seeds 8] [--first 0]
+On the 64 px base (``--config toy64``: 16x16 latents, maps at 16x16 and 8x8) plain sampling
+already draws both objects in 90% of the tuning prompts' images, and A&E lowers that (README).
+
+    python bench/toy_attend_excite.py [--config toy64] [--ckpt PATH] [--prompts 20] [--seeds 8]
     python bench/toy_attend_excite.py --delta logs/.../last.safetensors --concept dotted_triangle
 """
 
