@@ -65,11 +65,16 @@ def test_compvis_methods(tiny_ldm):
     assert model.decode_first_stage(z).shape == x.shape
 
 
-def test_masked_loss_is_normalised_by_mask_area(tiny_model):
+@pytest.fixture()
+def loss_inputs(tiny_model):
+    """Latents, context, timesteps and noise of a two-sample batch."""
     z = torch.randn(2, 4, 8, 8)
     c = tiny_model.get_learned_conditioning(["a", "b"])
-    t = torch.tensor([10, 500])
-    noise = torch.randn_like(z)
+    return z, c, torch.tensor([10, 500]), torch.randn_like(z)
+
+
+def test_masked_loss_is_normalised_by_mask_area(tiny_model, loss_inputs):
+    z, c, t, noise = loss_inputs
     full, out = tiny_model.p_losses(z, c, t, noise=noise)
     ones, _ = tiny_model.p_losses(z, c, t, noise=noise, mask=torch.ones(2, 1, 8, 8))
     torch.testing.assert_close(full, ones)
@@ -85,11 +90,8 @@ def test_masked_loss_is_normalised_by_mask_area(tiny_model):
     assert tiny_model.export_metadata() == {}
 
 
-def test_loss_weight_scales_each_sample(tiny_model):
-    z = torch.randn(2, 4, 8, 8)
-    c = tiny_model.get_learned_conditioning(["a", "b"])
-    t = torch.tensor([10, 500])
-    noise = torch.randn_like(z)
+def test_loss_weight_scales_each_sample(tiny_model, loss_inputs):
+    z, c, t, noise = loss_inputs
     plain, out = tiny_model.p_losses(z, c, t, noise=noise)
     ones, _ = tiny_model.p_losses(z, c, t, noise=noise, weight=torch.ones(2))
     torch.testing.assert_close(plain, ones)
