@@ -40,8 +40,7 @@ stages use their own schedule: ``--pair-steps`` 1600 at a constant lr, the K/V a
 the single-concept rate and the token rows at ten times the K/V one (``--pair-lr`` 2e-5,
 ``--pair-token-lr`` 2e-4: a merge keeps generic captions' K/V outputs at the base's, so deltas
 that carry the concept in the token row rather than in K/V survive it better; README), and no
-rescale
-augmentation (``data.train.aug=false``; ``--pair-aug`` keeps it). B is the two-tone
+rescale augmentation (``data.train.aug=false``; ``--pair-aug`` keeps it). B is the two-tone
 ``twotone_square``: besides A, the judge sees only the two-tone concepts through the toy
 autoencoder (it finds the dotted concepts in 0% and ``striped_circle`` in 9% of perfect VAE
 reconstructions of their own images), and ``twotone_ring`` learns worse (0.25 where B has 0.66).
