@@ -86,6 +86,7 @@ from custom.compress import nbytes  # noqa: E402
 from custom.delta import apply_delta  # noqa: E402
 from custom.formats import ROWS, Delta  # noqa: E402
 from ldm import load_model  # noqa: E402
+from main import compose_config, train  # noqa: E402
 from toyworld import metrics  # noqa: E402
 from toyworld.concepts import CONCEPTS  # noqa: E402
 from toyworld.dataset import make_example  # noqa: E402
@@ -94,19 +95,6 @@ from toyworld.world import COLOURS, SHAPES  # noqa: E402
 
 log = logging.getLogger("toy_custom")
 STAGES = "base,reg,real,noreg,compose,joint,compress"
-
-
-def compose_config(name: str, overrides: list[str], output_dir: Path):
-    """A root config as ``python main.py --config-name NAME overrides`` composes it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(name, overrides=overrides, return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(output_dir)
-    cfg.hydra.runtime.cwd = str(ROOT)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def lr_scheduler_override(cfg) -> str:
@@ -122,8 +110,6 @@ def lr_scheduler_override(cfg) -> str:
 
 def train_recipe(recipe: str, overrides: list[str], out: Path) -> Path:
     """Run ``main.train`` on a recipe; returns its last delta (reused when it exists)."""
-    from main import train
-
     delta = out / "checkpoints" / "last.safetensors"
     if delta.exists():
         log.info("%s: reusing %s", recipe, delta)
