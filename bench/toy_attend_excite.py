@@ -27,7 +27,9 @@ excited are ``<new1>`` and the second shape, and "both" means the judge finds th
 second object.
 
 On the 64 px base (``--config toy64``: 16x16 latents, maps at 16x16 and 8x8) plain sampling
-already draws both objects in 90% of the tuning prompts' images, and A&E lowers that (README).
+already draws both objects in 90% of the tuning prompts' images, and A&E lowers that. On the
+local-encoder base (``--config toy64_local``: every word's context at its own position) A&E raises
+the words' attention but leaves the object rates where they were (README).
 
     python bench/toy_attend_excite.py [--config toy64] [--ckpt PATH] [--prompts 20] [--seeds 8]
     python bench/toy_attend_excite.py --delta logs/.../last.safetensors --concept dotted_triangle
@@ -135,7 +137,9 @@ def ae_settings(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default=None, help="default: the model config's shipped weights")
-    parser.add_argument("--config", default="toy", help="model config: toy (8x8 latents), toy64")
+    parser.add_argument(
+        "--config", default="toy", help="model config: toy (8x8 latents), toy64, toy64_local"
+    )
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--first", type=int, default=0, help="index of the first prompt")
     parser.add_argument("--seeds", type=int, default=8)

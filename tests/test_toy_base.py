@@ -20,6 +20,26 @@ def test_shipped_base_is_small_and_loads():
     assert 0 < float(model.scale_factor) < 10
 
 
+def test_local_base_reads_each_word_at_its_own_position():
+    """toy64_local's encoder has no layers: changing one word leaves every other position's
+    context as it was (the 4-layer toy encoder mixes the change into the later positions)."""
+    from ldm import load_model
+
+    local = ROOT / "models" / "toy64_local" / "toy64_local_base.safetensors"
+    assert local.exists() and local.stat().st_size <= 30 * 2**20
+    model = load_model(None, config="toy64_local")
+    assert model.cond_stage_model.transformer.config.num_hidden_layers == 0
+    assert model.image_size == 16
+    four_layers = load_model(None, config="toy").cond_stage_model
+    for encoder, local_context in ((model.cond_stage_model, True), (four_layers, False)):
+        with torch.no_grad():
+            a, b = encoder(["a red circle and a blue square", "a red circle and a green square"])
+        changed = ((a - b).norm(dim=-1) > 1e-4).tolist()
+        # positions: start token, a, red, circle, and, a, <colour>, square, end token, padding
+        assert changed[6] and not any(changed[:6])
+        assert any(changed[7:]) is not local_context
+
+
 def test_sample_py_toy_out_of_the_box(tmp_path):
     import sample
 
