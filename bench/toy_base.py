@@ -63,13 +63,8 @@ def sample_all(model, prompts: list[str], seeds: int) -> torch.Tensor:
     )  # fmt: skip
 
 
-def pixel_size(model) -> int:
-    """Image side in pixels: the latent side times the autoencoder's downsampling."""
-    return model.image_size * 2 ** (len(model.first_stage_model.encoder.down) - 1)
-
-
 def judge_accuracy(model, judge: Judge, n: int) -> tuple[dict, dict]:
-    examples = [make_example(i, seed=987_654, size=pixel_size(model)) for i in range(n)]
+    examples = [make_example(i, seed=987_654, size=model.pixel_size()) for i in range(n)]
     examples = [e for e in examples if len(e.objects) <= 2]
     x = from_pil([e.image for e in examples])
     objects = [e.objects for e in examples]
@@ -82,7 +77,9 @@ def judge_accuracy(model, judge: Judge, n: int) -> tuple[dict, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default=None, help="default: the model config's shipped weights")
-    parser.add_argument("--config", default="toy", help="model config: toy (32 px), toy64")
+    parser.add_argument(
+        "--config", default="toy", help="model config: toy (32 px), toy64, toy64_local"
+    )
     parser.add_argument("--single", type=int, default=12)
     parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--seeds", type=int, default=8)

@@ -203,9 +203,6 @@ class ViCo(LatentDiffusion):
         return torch.where(is_token.any(1), first, eot), eot
 
     # ------------------------------------------------------ visual condition
-    def pixel_size(self) -> int:
-        return int(self.image_size) * int(self.first_stage_model.downsample_factor)
-
     @torch.no_grad()
     def reference_latent(self, image: ImageLike, generator: torch.Generator | None = None):
         """Reference image(s) -> scaled latents (R, C, h, w), a posterior sample as in the

@@ -208,6 +208,10 @@ class LatentDiffusion(pl.LightningModule):
     def _full(self, t: Tensor) -> Tensor:
         return t if self.frozen_dtype is None else t.float()
 
+    def pixel_size(self) -> int:
+        """Image side in pixels: the latent side times the autoencoder's downsampling."""
+        return int(self.image_size) * int(self.first_stage_model.downsample_factor)
+
     @torch.no_grad()
     def encode_first_stage(self, x: Tensor):
         with self.compute_precision():
